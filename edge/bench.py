@@ -1,0 +1,79 @@
+"""Speed and memory of the engine, as ratios measured in one run (machine speed cancels out).
+
+Timings are medians of interleaved blocks so that a busy neighbour slows both sides alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+
+def median_ms(fn: Callable[[], object], runs: int, warmup: int = 5) -> float:
+    """Median wall time of fn in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1000.0)
+
+
+def interleaved(fns: dict, runs: int, blocks: int = 5) -> dict:
+    """Median ms of each named function, measured in alternating blocks."""
+    per = max(1, runs // blocks)
+    samples = {name: [] for name in fns}
+    for _ in range(blocks):
+        for name, fn in fns.items():
+            samples[name].append(median_ms(fn, per, warmup=2))
+    return {name: float(np.median(v)) for name, v in samples.items()}
+
+
+def engine_rss_mb(model: Path, threads: Optional[int]) -> dict:
+    """Resident memory of a fresh process that imported edge and loaded one engine."""
+    code = (
+        "import json, numpy as np\n"
+        "from edge.engine import Embedder\n"
+        f"e = Embedder({str(model)!r}, threads={threads!r})\n"
+        "e.invoke(np.zeros((e.size, e.size, 3), np.uint8))\n"
+        "st = dict(l.split(':', 1) for l in open('/proc/self/status') if ':' in l)\n"
+        "print(json.dumps({k: int(st[k].split()[0]) / 1024 for k in ('VmRSS', 'VmHWM')}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"rss_after_load_mb": round(data["VmRSS"], 1), "peak_rss_mb": round(data["VmHWM"], 1)}
+
+
+def run_bench(model: Optional[str] = None, threads: Optional[int] = None, runs: int = 200) -> dict:
+    """int8/float32 invoke ratio, preprocessing/invoke ratio, and engine memory."""
+    from edge.engine import DEFAULT_MODEL, FLOAT_MODEL, Embedder
+    from edge.image import prepare
+
+    model_path = Path(model) if model else DEFAULT_MODEL
+    int8 = Embedder(model_path, threads=threads)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (int8.size, int8.size, 3), dtype=np.uint8)
+    frame = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    fns = {"int8_invoke_ms": lambda: int8.invoke(x),
+           "preprocess_640x480_ms": lambda: prepare(frame, int8.size)}
+    if FLOAT_MODEL.exists() and int8.size == 224:
+        fp32 = Embedder(FLOAT_MODEL, threads=threads)
+        fns["float32_invoke_ms"] = lambda: fp32.invoke(x)
+    ms = interleaved(fns, runs)
+    result = {"model": model_path.name, "backend": int8.info.backend,
+              "threads": threads if threads else os.cpu_count(), "cpus": os.cpu_count()}
+    result.update({k: round(v, 3) for k, v in ms.items()})
+    if "float32_invoke_ms" in ms:
+        result["int8_over_float32"] = round(ms["int8_invoke_ms"] / ms["float32_invoke_ms"], 3)
+    result["preprocess_over_int8_invoke"] = round(ms["preprocess_640x480_ms"] / ms["int8_invoke_ms"], 3)
+    result.update(engine_rss_mb(model_path, threads))
+    return result
