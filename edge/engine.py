@@ -7,6 +7,7 @@ Machine export all load the same way. Not thread-safe by design: one thread owns
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,7 @@ class Embedder:
         self.path = Path(model_path)
         self.mirror = mirror
         content = _read_model(self.path)
+        self.model_id = hashlib.sha256(content).hexdigest()
         backend, backend_name = _load_backend()
         resolver = {"auto": backend.OpResolverType.AUTO,
                     "builtin": backend.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,

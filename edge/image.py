@@ -82,14 +82,22 @@ def prepare(img: ImageLike, size: int, mirror: bool = False) -> np.ndarray:
     """Centre square crop, resize to size x size, RGB uint8 array: the model's input.
 
     Crop before resizing: PIL's `resize(box=...)` lets the filter reach pixels outside the box,
-    which would leak the cut-off sides into the border. Bilinear with PIL's antialiasing support
-    averages like an area filter on downscale.
+    which would leak the cut-off sides into the border. The square is first box-averaged by an
+    integer factor (`reducing_gap=1`), then resampled bilinearly: area-filter quality at a
+    fraction of the cost of one large antialiased resize.
     """
-    rgb = to_rgb(img)
-    if rgb.width < 1 or rgb.height < 1:
+    if isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8:
+        h, w = img.shape[:2]
+        left, top, right, bottom = centre_square(w, h)
+        square = Image.fromarray(np.ascontiguousarray(img[top:bottom, left:right]))
+    else:
+        rgb = to_rgb(img)
+        if rgb.width < 1 or rgb.height < 1:
+            raise ImageError("frame is empty")
+        square = rgb.crop(centre_square(rgb.width, rgb.height))
+    if square.width < 1:
         raise ImageError("frame is empty")
-    square = rgb.crop(centre_square(rgb.width, rgb.height))
-    small = square.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+    small = square.resize((size, size), Image.BILINEAR, reducing_gap=1.0)
     if mirror:
         small = small.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(small, dtype=np.uint8)

@@ -1,0 +1,217 @@
+"""Camera sources behind one small interface: open, read a frame, close.
+
+Hardware libraries are imported inside the source that needs them, so `import edge` works on a
+laptop. Every source returns RGB uint8 arrays (H, W, 3); the engine crops and resizes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from edge.image import ImageError, list_images, load_image
+
+log = logging.getLogger(__name__)
+
+
+class CameraError(RuntimeError):
+    """The camera cannot deliver frames right now (unplugged, busy, missing library)."""
+
+
+class Camera:
+    """A frame source. `read()` blocks until the next frame is due and returns it."""
+
+    name = "camera"
+
+    def open(self) -> None:
+        """Acquire the device; raise CameraError when it is not there."""
+
+    def read(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the device; safe to call twice."""
+
+
+class Pacer:
+    """Keeps a source at a fixed frame rate without drifting."""
+
+    def __init__(self, fps: float):
+        self.period = 1.0 / fps
+        self._next = time.monotonic()
+
+    def wait(self) -> None:
+        now = time.monotonic()
+        if self._next > now:
+            time.sleep(self._next - now)
+        self._next = max(self._next + self.period, time.monotonic() - self.period)
+
+
+class FolderCamera(Camera):
+    """Shows the images in a folder in name order, looping, at `fps`.
+
+    The folder is listed again for every frame, so a demo or a test changes what the camera
+    "sees" by changing the folder's contents. An empty folder or unreadable image is a camera fault.
+    """
+
+    name = "folder"
+
+    def __init__(self, folder: Path, fps: float = 10.0):
+        self.folder = Path(folder)
+        self.pacer = Pacer(fps)
+        self._index = 0
+        self._cache: dict = {}
+
+    def open(self) -> None:
+        if not self.folder.is_dir():
+            raise CameraError(f"camera folder not found: {self.folder}")
+
+    def read(self) -> np.ndarray:
+        self.pacer.wait()
+        try:
+            files = list_images(self.folder)
+        except OSError as exc:
+            raise CameraError(f"camera folder unreadable: {exc}") from None
+        if not files:
+            raise CameraError(f"no images in camera folder {self.folder}")
+        path = files[self._index % len(files)]
+        self._index += 1
+        try:
+            stat = path.stat()
+            key = (path, stat.st_mtime_ns, stat.st_size)
+            frame = self._cache.get(key)
+            if frame is None:
+                frame = np.asarray(load_image(path))
+                if len(self._cache) > 256:
+                    self._cache.clear()
+                self._cache[key] = frame
+            return frame
+        except (OSError, ImageError) as exc:
+            raise CameraError(f"camera folder image unreadable: {exc}") from None
+
+
+class Picamera2Camera(Camera):
+    """The Raspberry Pi camera through picamera2 (apt's python3-picamera2).
+
+    The ISP scales to a small frame near the model size, so no full-resolution frame is ever
+    copied into Python. Format "BGR888" is picamera2's name for arrays in R, G, B order.
+    """
+
+    name = "picamera2"
+
+    def __init__(self, width: int, height: int, fps: float):
+        self.size = (int(width), int(height))
+        self.fps = fps
+        self._cam = None
+
+    def open(self) -> None:
+        try:
+            from picamera2 import Picamera2  # type: ignore
+        except ImportError:
+            raise CameraError("picamera2 is not installed (sudo apt install python3-picamera2, "
+                              "and a venv made with --system-site-packages)") from None
+        try:
+            cam = Picamera2()
+            config = cam.create_video_configuration(
+                main={"size": self.size, "format": "BGR888"},
+                controls={"FrameRate": float(self.fps)}, buffer_count=2)
+            cam.configure(config)
+            cam.start()
+        except Exception as exc:  # libcamera raises many types; all mean "no camera now"
+            raise CameraError(f"Pi camera unavailable: {exc}") from None
+        self._cam = cam
+
+    def read(self) -> np.ndarray:
+        if self._cam is None:
+            raise CameraError("Pi camera is not open")
+        try:
+            return self._cam.capture_array("main")
+        except Exception as exc:
+            raise CameraError(f"Pi camera read failed: {exc}") from None
+
+    def close(self) -> None:
+        cam, self._cam = self._cam, None
+        if cam is not None:
+            try:
+                cam.stop()
+                cam.close()
+            except Exception as exc:
+                log.debug("closing Pi camera: %s", exc)
+
+
+class WebcamCamera(Camera):
+    """A USB webcam through OpenCV (the `webcam` extra)."""
+
+    name = "webcam"
+
+    def __init__(self, device: int, width: int, height: int, fps: float):
+        self.device, self.width, self.height, self.fps = device, width, height, fps
+        self._cap = None
+
+    def open(self) -> None:
+        try:
+            import cv2  # type: ignore
+        except ImportError:
+            raise CameraError("OpenCV is not installed: pip install 'edge[webcam]'") from None
+        cap = cv2.VideoCapture(self.device)
+        if not cap.isOpened():
+            raise CameraError(f"no webcam at index {self.device}")
+        cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
+        cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.height)
+        cap.set(cv2.CAP_PROP_FPS, self.fps)
+        self._cap = cap
+
+    def read(self) -> np.ndarray:
+        import cv2  # type: ignore
+        ok, frame = (False, None) if self._cap is None else self._cap.read()
+        if not ok or frame is None:
+            raise CameraError(f"webcam {self.device} returned no frame")
+        return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+    def close(self) -> None:
+        cap, self._cap = self._cap, None
+        if cap is not None:
+            cap.release()
+
+
+def webcam_present(device: int = 0) -> bool:
+    """True when OpenCV is installed and a video device node exists for the index."""
+    try:
+        import cv2  # type: ignore  # noqa: F401
+    except ImportError:
+        return False
+    return Path(f"/dev/video{device}").exists()
+
+
+def picamera_present() -> bool:
+    try:
+        import picamera2  # type: ignore  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_camera(cfg, demo_folder: Optional[Path] = None) -> Camera:
+    """The source the config asks for; `auto` picks Pi camera, else webcam, else the folder."""
+    source = cfg.source
+    if source == "auto":
+        if picamera_present():
+            source = "picamera2"
+        elif webcam_present(cfg.device):
+            source = "webcam"
+        else:
+            source = "folder"
+    if source == "picamera2":
+        return Picamera2Camera(cfg.width, cfg.height, cfg.fps)
+    if source == "webcam":
+        return WebcamCamera(cfg.device, cfg.width, cfg.height, cfg.fps)
+    if source == "folder":
+        folder = cfg.folder or demo_folder
+        if folder is None:
+            raise CameraError("camera.source is folder but camera.folder is not set")
+        return FolderCamera(folder, cfg.fps)
+    raise CameraError(f"camera source {source!r} is not available here")

@@ -1,0 +1,95 @@
+"""The `edge` command as users run it: a real subprocess, real photos, real model."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge.cli import main
+from edge.image import list_images
+
+
+def edge(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "edge", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_embed_prints_a_summary_per_image(clothing):
+    files = list_images(clothing / "test" / "hat")[:2]
+    out = edge("embed", *files)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("dim=1280" in line for line in lines)
+
+
+def test_embed_writes_npy(clothing, tmp_path):
+    photo = list_images(clothing / "test" / "hat")[0]
+    assert main(["embed", str(photo), "--npy", str(tmp_path)]) == 0
+    vec = np.load(tmp_path / (photo.stem + ".npy"))
+    assert vec.shape == (1280,) and np.isfinite(vec).all()
+
+
+def test_embed_bad_image_is_one_line_and_others_still_done(clothing, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8garbage")
+    good = list_images(clothing / "test" / "hat")[0]
+    out = edge("embed", bad, good)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and "broken.jpg" in out.stderr
+    assert "dim=1280" in out.stdout
+
+
+def test_bad_model_is_one_line_error(tmp_path, clothing):
+    model = tmp_path / "m.tflite"
+    model.write_bytes(b"junk")
+    out = edge("embed", "--model", model, list_images(clothing / "test" / "hat")[0])
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "m.tflite" in out.stderr
+
+
+def test_eval_json_on_clothing(clothing):
+    out = edge("eval", clothing, "--shots", 5, "--trials", 3, "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert {"accuracy", "per_class", "shots", "trials"} <= set(result)
+    assert result["shots"] == 5 and result["trials"] == 3
+    assert set(result["per_class"]) == {p.name for p in (clothing / "train").iterdir() if p.is_dir()}
+    assert 0.45 < result["accuracy"] <= 1.0  # chance is 0.10; the model reaches ~0.65
+
+
+def test_eval_flat_folder_of_classes(clothing, tmp_path):
+    """A plain folder of class folders: shots drawn from each class, the rest tested."""
+    for cls in ("hat", "shoes"):
+        (tmp_path / cls).mkdir()
+        for p in list_images(clothing / "train" / cls)[:8]:
+            (tmp_path / cls / p.name).symlink_to(p)
+    out = edge("eval", tmp_path, "--shots", 3, "--trials", 2, "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["test_images"] == 10 and result["accuracy"] > 0.7
+
+
+def test_eval_refuses_a_folder_without_classes(tmp_path):
+    out = edge("eval", tmp_path)
+    assert out.returncode == 1 and "two class folders" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bench_reports_ratios():
+    out = edge("bench", "--runs", 20, "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    for key in ("int8_invoke_ms", "float32_invoke_ms", "int8_over_float32",
+                "preprocess_over_int8_invoke", "rss_after_load_mb"):
+        assert result[key] > 0
+
+
+def test_no_command_prints_help():
+    out = edge()
+    assert out.returncode == 2 and "embed" in out.stdout
+
+
+@pytest.mark.parametrize("argv", [["eval"], ["embed"], ["nope"]])
+def test_usage_errors_exit_2(argv):
+    assert edge(*argv).returncode == 2
