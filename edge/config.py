@@ -29,6 +29,7 @@ CAMERA_SOURCES = ("auto", "picamera2", "webcam", "folder", "mqtt")
 MAX_CLASSES = 8
 MAX_NAME = 32
 MAX_FILE_BYTES = 1 << 20  # a config file is a few kB; anything bigger is the wrong file
+MAX_SECRET_BYTES = 4096
 
 
 class ConfigError(ValueError):
@@ -700,9 +701,9 @@ def _classes(value: Any) -> Tuple[ClassConfig, ...]:
         path = f"classes[{i}]"
         if not isinstance(item, dict):
             raise _expected(path, "a mapping with name, button and led", item)
-        if "name" not in item:
-            raise _Invalid(path, "missing key 'name'")
         checked = _mapping(path, item, CLASS)
+        if "name" not in checked:
+            raise _Invalid(path, "missing key 'name'")
         name = checked["name"]
         _class_name(f"{path}.name", name)
         folded = name.casefold()
@@ -777,11 +778,14 @@ def _read_secret(path: str, text: str, base: Path) -> str:
     """The contents of a password file without its trailing newline; never shown in messages."""
     target = _resolve(text, base)
     try:
-        raw = target.read_bytes()
+        with open(target, "rb") as handle:
+            raw = handle.read(MAX_SECRET_BYTES + 1)
     except FileNotFoundError:
         raise _Invalid(path, f"file not found: {target}") from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise _Invalid(path, f"cannot read {target}: {_os_reason(exc)}") from None
+    if len(raw) > MAX_SECRET_BYTES:
+        raise _Invalid(path, f"{target} is larger than {MAX_SECRET_BYTES} bytes; is it a password file?")
     try:
         secret = raw.decode("utf-8")
     except UnicodeDecodeError:
