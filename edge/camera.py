@@ -23,7 +23,11 @@ class CameraError(RuntimeError):
 
 
 class Camera:
-    """A frame source. `read()` blocks until the next frame is due and returns it."""
+    """A frame source. `read()` blocks until the next frame is due and returns it.
+
+    `read()` may return None for "no frame yet" (a network source between frames); it raises
+    CameraError when the device failed, and ImageError for one unusable frame.
+    """
 
     name = "camera"
 
@@ -55,7 +59,8 @@ class FolderCamera(Camera):
     """Shows the images in a folder in name order, looping, at `fps`.
 
     The folder is listed again for every frame, so a demo or a test changes what the camera
-    "sees" by changing the folder's contents. An empty folder or unreadable image is a camera fault.
+    "sees" by changing the folder's contents. A folder of folders is a set of scenes: the camera
+    shows one scene at a time and `next_scene()` moves on (the simulator's keys do).
     """
 
     name = "folder"
@@ -63,6 +68,7 @@ class FolderCamera(Camera):
     def __init__(self, folder: Path, fps: float = 10.0):
         self.folder = Path(folder)
         self.pacer = Pacer(fps)
+        self.scene = 0
         self._index = 0
         self._cache: dict = {}
 
@@ -70,14 +76,35 @@ class FolderCamera(Camera):
         if not self.folder.is_dir():
             raise CameraError(f"camera folder not found: {self.folder}")
 
+    def scenes(self) -> list:
+        """Subfolders holding images, when the folder itself holds none."""
+        try:
+            if list_images(self.folder):
+                return []
+            return sorted(p for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            return []
+
+    def next_scene(self, step: int = 1) -> str:
+        scenes = self.scenes()
+        if not scenes:
+            return self.folder.name
+        self.scene = (self.scene + step) % len(scenes)
+        return scenes[self.scene].name
+
+    def current_folder(self) -> Path:
+        scenes = self.scenes()
+        return scenes[self.scene % len(scenes)] if scenes else self.folder
+
     def read(self) -> np.ndarray:
         self.pacer.wait()
+        folder = self.current_folder()
         try:
-            files = list_images(self.folder)
+            files = list_images(folder)
         except OSError as exc:
             raise CameraError(f"camera folder unreadable: {exc}") from None
         if not files:
-            raise CameraError(f"no images in camera folder {self.folder}")
+            raise CameraError(f"no images in camera folder {folder}")
         path = files[self._index % len(files)]
         self._index += 1
         try:

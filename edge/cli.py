@@ -60,20 +60,51 @@ def cmd_embed(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from edge.evaluate import load_dataset, run_trials
+    from edge.engine import load_reference
+    from edge.evaluate import load_dataset, load_unknown, run_trials
     from edge.head import Head
     engine = _embedder(args)
+    mean = load_reference(engine.path, engine.dim)
     train, test = load_dataset(Path(args.dataset), engine.embed)
+    unknown = load_unknown(Path(args.unknown), engine.embed) if args.unknown else None
+    threshold = "auto" if args.threshold == "auto" else float(args.threshold)
     result = run_trials(train, test, shots=args.shots, trials=args.trials, seed=args.seed,
-                        head_factory=lambda: Head(args.head, k=args.k))
-    result.update(model=str(engine.path), head=args.head)
+                        head_factory=lambda: Head(args.head, k=args.k, mean=mean, threshold=threshold),
+                        unknown=unknown, holdout=args.holdout_classes)
+    result.update(model=str(engine.path), head=args.head, threshold=args.threshold)
     if args.json:
-        print(json.dumps(result, indent=None, sort_keys=True))
-    else:
-        print(f"{result['classes']} classes, {args.shots} shots, {args.trials} trials, "
-              f"head {args.head}: accuracy {result['accuracy']:.3f} ± {result['accuracy_std']:.3f}")
-        for name, acc in result["per_class"].items():
-            print(f"  {name:<20} {acc:.3f}")
+        print(json.dumps(result, sort_keys=True))
+        return EXIT_OK
+    print(f"{result['classes']} classes, {args.shots} shots, {args.trials} trials, "
+          f"head {args.head}: accuracy {result['accuracy']:.3f} ± {result['accuracy_std']:.3f} "
+          f"(plain nearest centroid {result['baseline_accuracy']:.3f})")
+    print(f"with the unknown gate (threshold {args.threshold}): known accuracy "
+          f"{result['known_accuracy']:.3f}")
+    for key, text in (("unknown_rate", "unrelated photos called unknown"),
+                      ("holdout_unknown_rate", "held-out class photos called unknown")):
+        if key in result:
+            print(f"{text}: {result[key]:.3f}")
+    for name, acc in result["per_class"].items():
+        print(f"  {name:<20} {acc:.3f}")
+    return EXIT_OK
+
+
+def cmd_reference(args) -> int:
+    """Write the model's reference mean embedding from a broad set of everyday photos."""
+    from edge.engine import reference_path
+    from edge.evaluate import embed_files
+    from edge.head import signed_sqrt
+    from edge.image import IMAGE_SUFFIXES
+    engine = _embedder(args)
+    files = []
+    for folder in args.folders:
+        files += sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < 50:
+        raise UserError(f"found {len(files)} photos; a reference mean needs at least 50 varied photos")
+    mean = signed_sqrt(embed_files(files, engine.embed)).mean(axis=0).astype(np.float32)
+    out = Path(args.out) if args.out else reference_path(engine.path)
+    np.save(out, mean)
+    print(f"wrote {out} from {len(files)} photos")
     return EXIT_OK
 
 
@@ -88,10 +119,82 @@ def cmd_bench(args) -> int:
     return EXIT_OK
 
 
+def _config(args):
+    from edge.config import DEFAULT_CONFIG_PATH, load_config
+    path = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+    return load_config(path)
+
+
+def cmd_run(args) -> int:
+    from edge.app import serve
+    cfg = _config(args)
+    simulate = True if args.simulate else None
+    return serve(cfg, simulate=simulate, terminal=not args.no_keys)
+
+
+def cmd_check_config(args) -> int:
+    cfg = _config(args)
+    print(f"{cfg.source}: ok ({len(cfg.classes)} classes: {', '.join(c.name for c in cfg.classes)}; "
+          f"model {cfg.model.model_path.name}; store {cfg.store.path})")
+    return EXIT_OK
+
+
+def _open_store(args):
+    from edge.engine import Embedder
+    from edge.store import Store
+    cfg = _config(args)
+    engine = Embedder(cfg.model.model_path, threads=1)
+    store = Store(cfg.store.path, engine.model_id, engine.dim, max_per_class=cfg.capture.max_per_class)
+    store.open()
+    return store
+
+
+def cmd_export(args) -> int:
+    store = _open_store(args)
+    try:
+        store.export(Path(args.file))
+        counts = store.knowledge.counts()
+    finally:
+        store.close()
+    print(f"exported {sum(counts.values())} samples in {len(counts)} classes to {args.file}")
+    return EXIT_OK
+
+
+def cmd_import(args) -> int:
+    store = _open_store(args)
+    try:
+        knowledge = store.import_file(Path(args.file))
+        counts = knowledge.counts()
+    finally:
+        store.close()
+    print(f"imported {sum(counts.values())} samples in {len(counts)} classes from {args.file}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the box (simulated pins and keys when no GPIO is found)")
+    p.add_argument("--config", help="config file (default: config.yaml of this checkout)")
+    p.add_argument("--simulate", action="store_true", help="mock pins even on a Pi")
+    p.add_argument("--no-keys", action="store_true", help="no terminal keys/LED line in simulation")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a config file and exit (2 when invalid)")
+    p.add_argument("config", nargs="?", metavar="FILE")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("export", help="write what the box learned to one file")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="replace what the box learned with an exported file")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("embed", help="print the embedding summary of images (or save .npy)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -106,9 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--head", choices=("centroid", "knn"), default="centroid")
     p.add_argument("--k", type=int, default=3, help="neighbours for the knn head")
+    p.add_argument("--unknown", metavar="DIR", help="photos of none of the classes: reports unknown_rate")
+    p.add_argument("--holdout-classes", type=int, default=0, metavar="M",
+                   help="never train M classes per trial: reports holdout_unknown_rate")
+    p.add_argument("--threshold", default="auto", help="unknown gate: 'auto' or a number (default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("reference", help="compute a model's reference mean embedding from photos")
+    p.add_argument("folders", nargs="+", metavar="DIR", help="folders of varied everyday photos")
+    p.add_argument("--out", help="output .npy (default: <model stem>.mean.npy beside the model)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_reference)
 
     p = sub.add_parser("bench", help="measure engine speed and memory as ratios")
     p.add_argument("--runs", type=int, default=200, help="timed invokes per measurement")
@@ -127,15 +240,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    from edge.camera import CameraError
+    from edge.config import ConfigError
     from edge.engine import ModelError
     from edge.evaluate import DatasetError
     from edge.image import ImageError
+    from edge.store import StoreError
     try:
         return args.func(args)
     except UserError as exc:
         print(f"edge: error: {exc}", file=sys.stderr)
         return exc.code
-    except (ModelError, DatasetError, ImageError) as exc:
+    except ConfigError as exc:
+        print(f"edge: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ModelError, DatasetError, ImageError, StoreError, CameraError) as exc:
         print(f"edge: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

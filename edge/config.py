@@ -152,7 +152,7 @@ class HeadConfig:
     """Cosine score below which the answer is 'unknown'; "auto" derives it from the samples."""
     smoothing: int = 5
     """Frames in the vote window, so one odd frame does not flip the LEDs."""
-    hysteresis: float = 0.1
+    hysteresis: float = 0.03
     """Score margin needed to change the answer, so the LEDs do not flicker between two classes."""
 
 

@@ -149,6 +149,29 @@ class Embedder:
         return self.invoke(self.prepare(img))
 
 
+def reference_path(model_path: Union[str, Path]) -> Path:
+    """Where a model's reference mean embedding lives: beside it, `<stem>.mean.npy`."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.stem + ".mean.npy")
+
+
+def load_reference(model_path: Union[str, Path], dim: int) -> Optional[np.ndarray]:
+    """The model's reference mean embedding (see `edge reference`), or None when there is none."""
+    path = reference_path(model_path)
+    if not path.exists():
+        log.info("no reference mean for %s (%s): the unknown gate is less sharp; "
+                 "make one with `edge reference`", Path(model_path).name, path.name)
+        return None
+    try:
+        mean = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: unreadable reference mean ({exc})") from None
+    if mean.shape != (dim,) or not np.isfinite(mean).all():
+        raise ModelError(f"{path}: not a reference mean for this model (shape {mean.shape}, "
+                         f"model outputs {dim})")
+    return mean.astype(np.float32)
+
+
 def _read_model(path: Path) -> bytes:
     """The model's bytes, refusing what is plainly not a TFLite flatbuffer with a clear message."""
     try:

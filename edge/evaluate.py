@@ -14,8 +14,8 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from edge.head import Head
-from edge.image import ImageError, list_images, load_image
+from edge.head import Head, plain_centroid_predict
+from edge.image import IMAGE_SUFFIXES, ImageError, list_images, load_image
 
 log = logging.getLogger(__name__)
 
@@ -71,40 +71,80 @@ def load_dataset(root: Path, embed: Callable) -> tuple:
 
 
 def run_trials(train: Split, test: Optional[Split], shots: int, trials: int, seed: int = 0,
-               head_factory: Callable[[], Head] = Head) -> dict:
-    """Mean accuracy and per-class accuracy over seeded few-shot trials."""
+               head_factory: Callable[[], Head] = Head, unknown: Optional[np.ndarray] = None,
+               holdout: int = 0) -> dict:
+    """Few-shot trials with the daemon's head; each trial redraws shots (and held-out classes).
+
+    Reports closed-set `accuracy` (best class, no unknown gate), `known_accuracy` (gate on: a
+    known photo called unknown counts as wrong), `baseline_accuracy` (plain L2 nearest centroid
+    on the same draws), and with `unknown` photos or `holdout` classes the share called unknown.
+    """
     classes = list(train.classes)
+    if holdout and not 0 < holdout <= len(classes) - 1:
+        raise DatasetError(f"--holdout-classes must be between 1 and {len(classes) - 1}")
     for c in classes:
         need = shots + (1 if test is None else 0)
         if len(train.classes[c]) < need:
             raise DatasetError(f"class {c!r} has {len(train.classes[c])} images; "
                                f"{shots} shots need at least {need}")
     rng = np.random.default_rng(seed)
-    accs, per_class = [], {c: [] for c in classes}
+    sums = {k: [] for k in ("accuracy", "known_accuracy", "baseline_accuracy", "unknown_rate",
+                            "holdout_unknown_rate")}
+    per_class = {c: [] for c in classes}
+    n_test = 0
     for _ in range(trials):
-        head = head_factory()
-        queries, truth = [], []
-        for ci, c in enumerate(classes):
+        held = set(rng.choice(classes, size=holdout, replace=False)) if holdout else set()
+        known = [c for c in classes if c not in held]
+        shots_by_class, queries, truth, held_queries = {}, [], [], []
+        for c in classes:
             pool = train.classes[c]
             order = rng.permutation(len(pool))
-            head.add(c, pool[order[:shots]])
             rest = pool[order[shots:]] if test is None else test.classes[c]
+            if c in held:
+                held_queries.append(pool if test is None else test.classes[c])
+                continue
+            shots_by_class[c] = pool[order[:shots]]
             queries.append(rest)
-            truth.append(np.full(len(rest), ci))
+            truth.append(np.full(len(rest), known.index(c)))
         q, t = np.vstack(queries), np.concatenate(truth)
-        order_in_head = [classes.index(n) for n in head.labels]
-        pred = np.asarray(order_in_head)[head.predict(q)[0]]
-        accs.append(float((pred == t).mean()))
-        for ci, c in enumerate(classes):
+        n_test = len(q)
+        head = head_factory()
+        head.set_samples(shots_by_class)
+        closed = head.predict_closed(q)
+        gated, _ = head.predict(q)
+        sums["accuracy"].append(float((closed == t).mean()))
+        sums["known_accuracy"].append(float((gated == t).mean()))
+        sums["baseline_accuracy"].append(float((plain_centroid_predict(shots_by_class, q) == t).mean()))
+        for ci, c in enumerate(known):
             mask = t == ci
             if mask.any():
-                per_class[c].append(float((pred[mask] == ci).mean()))
-    return {
-        "accuracy": float(np.mean(accs)),
-        "accuracy_std": float(np.std(accs)),
+                per_class[c].append(float((closed[mask] == ci).mean()))
+        if unknown is not None and len(unknown):
+            sums["unknown_rate"].append(float((head.predict(unknown)[0] == -1).mean()))
+        if held_queries:
+            sums["holdout_unknown_rate"].append(float((head.predict(np.vstack(held_queries))[0] == -1).mean()))
+    result = {k: float(np.mean(v)) for k, v in sums.items() if v}
+    result.update({
+        "accuracy_std": float(np.std(sums["accuracy"])),
         "per_class": {c: float(np.mean(v)) for c, v in per_class.items() if v},
         "shots": shots,
         "trials": trials,
         "classes": len(classes),
-        "test_images": int(len(q)),
-    }
+        "test_images": int(n_test),
+    })
+    if unknown is not None:
+        result["unknown_images"] = int(len(unknown))
+    if holdout:
+        result["holdout_classes"] = holdout
+    return result
+
+
+def load_unknown(folder: Path, embed: Callable) -> np.ndarray:
+    """Embeddings of every image under a folder (recursively): photos of none of the classes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"unknown-photos folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DatasetError(f"no images under {folder}")
+    return embed_files(files, embed)

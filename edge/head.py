@@ -1,15 +1,38 @@
-"""The on-device head: nearest centroid or k-NN over normalized embeddings. Pure numpy, no I/O.
+"""The on-device head: learns instantly from a few samples and says "unknown" when nothing matches.
 
-It learns instantly (adding a sample is an append) and scores every class with one matrix product.
+Two views of the same embeddings, each doing what it measures best here (see docs/head.md):
+- a *gate* view: signed square root, minus a reference mean embedding (shipped beside the model),
+  unit length. Cosine similarity to a class centroid in this view says whether a frame looks like
+  that class at all; the "auto" threshold comes from leave-one-out similarities of the stored
+  samples, so it adapts to how tight the taught classes are.
+- a *choice* view: the gate view whitened by the classes' own pooled within-class spread (shrunk
+  towards the identity). It down-weights directions in which the taught samples vary anyway
+  (lighting, pose), which picks the right class more often than plain cosine (measured: 10-shot
+  clothing-small 0.721 vs 0.689).
+Pure numpy, no I/O; kinds: "centroid" (class means) and "knn" (mean of a class's k best matches,
+so a class does not win by sample count).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
 
 HEADS = ("centroid", "knn")
+
+# Within-class shrinkage: lambda = SHRINK * mean within-class variance. Chosen on clothing-small
+# (10-shot accuracy is flat from 10 to 30); see docs/head.md.
+SHRINK = 10.0
+# "auto" threshold = AUTO_FACTOR * the AUTO_QUANTILE quantile of leave-one-out similarities.
+AUTO_QUANTILE = 0.05
+AUTO_FACTOR = 0.9
+# Used until at least MIN_LOO leave-one-out similarities exist (classes of one sample each).
+FALLBACK_THRESHOLD = 0.3
+MIN_LOO = 4
+# Rows used to estimate the within-class spread (keeps re-fitting fast with thousands of samples).
+MAX_FIT_ROWS = 1024
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -19,33 +42,47 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def signed_sqrt(x: np.ndarray) -> np.ndarray:
+    """sign(x) * sqrt(|x|): tames the few very large activations that dominate cosine."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.sign(x) * np.sqrt(np.abs(x))
+
+
+def gate_features(x: np.ndarray, mean: Optional[np.ndarray]) -> np.ndarray:
+    """Signed sqrt, minus the reference mean (if any), unit length."""
+    z = signed_sqrt(x)
+    if mean is not None:
+        z = z - mean
+    return l2_normalize(z)
+
+
+@dataclass
+class Result:
+    """The head's view of one frame."""
+
+    index: int                 # best class (in `labels` order), -1 when the head knows no class
+    known: bool                # gate passed: the frame looks like that class
+    similarity: float          # gate cosine to the chosen class centroid
+    scores: np.ndarray         # gate cosine to every class centroid
+
+
 class Head:
-    """Classes of samples, and cosine scores of new embeddings against them.
+    """Classes of samples; scores new embeddings against them. Rebuilt lazily after changes."""
 
-    `kind="centroid"` compares with each class's mean direction; `kind="knn"` scores a class by the
-    mean of its k most similar samples, so a class with many samples does not win by count.
-    `center`, when given, is subtracted before normalizing (a reference mean embedding).
-    """
-
-    def __init__(self, kind: str = "centroid", k: int = 3, center: Optional[np.ndarray] = None):
+    def __init__(self, kind: str = "centroid", k: int = 3, mean: Optional[np.ndarray] = None,
+                 threshold="auto"):
         if kind not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, not {kind!r}")
         if k < 1:
             raise ValueError("k must be at least 1")
         self.kind = kind
         self.k = k
-        self.center = None if center is None else np.asarray(center, dtype=np.float32)
+        self.mean = None if mean is None else np.asarray(mean, dtype=np.float32).reshape(-1)
+        self.threshold_setting = threshold
         self._samples: Dict[str, np.ndarray] = {}
-        self._matrix: Optional[np.ndarray] = None  # cached class or sample matrix
+        self._fit: Optional[dict] = None
 
     # --- what the head knows -------------------------------------------------------------
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        """Embeddings as the head compares them: centred (if configured), unit length."""
-        x = np.asarray(x, dtype=np.float32)
-        if self.center is not None:
-            x = x - self.center
-        return l2_normalize(x)
 
     @property
     def labels(self) -> List[str]:
@@ -56,68 +93,134 @@ class Head:
         return {name: len(s) for name, s in self._samples.items()}
 
     def set_samples(self, samples: Dict[str, np.ndarray]) -> None:
-        """Replace everything the head knows with raw embeddings per class."""
-        self._samples = {}
-        for name, vecs in samples.items():
-            self.add(name, vecs)
+        """Replace everything the head knows with raw embeddings per class (ordered)."""
+        self._samples = {name: gate_features(np.atleast_2d(v), self.mean)
+                         for name, v in samples.items() if len(v)}
+        self._fit = None
 
     def add(self, label: str, vectors: np.ndarray) -> None:
         """Append raw embeddings (one or many rows) to a class."""
-        vecs = self.transform(np.atleast_2d(vectors))
+        vecs = gate_features(np.atleast_2d(vectors), self.mean)
         old = self._samples.get(label)
-        self._samples[label] = vecs if old is None or not len(old) else np.vstack([old, vecs])
-        self._matrix = None
+        self._samples[label] = vecs if old is None else np.vstack([old, vecs])
+        self._fit = None
 
-    def remove_last(self, label: str, n: int) -> None:
-        """Forget the newest n samples of a class (undo a burst)."""
-        if label in self._samples and n > 0:
-            self._samples[label] = self._samples[label][:-n] if n < len(self._samples[label]) \
-                else self._samples[label][:0]
-            self._matrix = None
-
-    def clear(self, label: Optional[str] = None) -> None:
-        """Forget one class, or everything."""
-        if label is None:
-            self._samples = {}
+    def set_class(self, label: str, vectors: np.ndarray) -> None:
+        """Replace one class's samples (raw embeddings); an empty array removes the class."""
+        if len(vectors):
+            self._samples[label] = gate_features(np.atleast_2d(vectors), self.mean)
         else:
             self._samples.pop(label, None)
-        self._matrix = None
+        self._fit = None
 
-    def samples(self, label: str) -> np.ndarray:
-        """A class's normalized samples (read-only view)."""
-        return self._samples[label]
+    def set_threshold(self, value) -> None:
+        """A number, or "auto" to calibrate from the samples."""
+        self.threshold_setting = value
+        self._fit = None
+
+    # --- fitting ---------------------------------------------------------------------------
+
+    def _ensure_fit(self) -> dict:
+        if self._fit is None:
+            self._fit = self._make_fit()
+        return self._fit
+
+    def _make_fit(self) -> dict:
+        labels = self.labels
+        groups = [self._samples[n] for n in labels]
+        if not groups:
+            return {"labels": [], "threshold": self._threshold([])}
+        means = np.stack([g.mean(axis=0) for g in groups])
+        centroids = l2_normalize(means)
+        residuals = np.vstack([g - m for g, m in zip(groups, means)])
+        if len(residuals) > MAX_FIT_ROWS:
+            residuals = residuals[np.linspace(0, len(residuals) - 1, MAX_FIT_ROWS).astype(int)]
+        basis, scale, inv_sqrt_lam = _whitener(residuals)
+        white = lambda z: l2_normalize(z * inv_sqrt_lam + ((z @ basis.T) * scale) @ basis)
+        fit = {"labels": labels, "centroids": centroids, "white": white,
+               "threshold": self._threshold(groups)}
+        if self.kind == "centroid":
+            fit["choice"] = l2_normalize(np.stack([white(g).mean(axis=0) for g in groups]))
+        else:
+            fit["choice"] = [white(g) for g in groups]
+        return fit
+
+    def _threshold(self, groups) -> float:
+        if self.threshold_setting != "auto":
+            return float(self.threshold_setting)
+        return auto_threshold(groups)
+
+    @property
+    def threshold(self) -> float:
+        """The gate threshold in force (calibrated when the setting is "auto")."""
+        return self._ensure_fit()["threshold"]
 
     # --- scoring -------------------------------------------------------------------------
 
-    def scores(self, x: np.ndarray) -> np.ndarray:
-        """Cosine score of each row of x against each class in `labels` order: shape (N, C)."""
-        labels = self.labels
-        q = self.transform(np.atleast_2d(x))
-        if not labels:
-            return np.zeros((len(q), 0), dtype=np.float32)
+    def choice_scores(self, g: np.ndarray) -> np.ndarray:
+        """Per-class scores in the whitened view for gate-view rows g: shape (N, C)."""
+        fit = self._ensure_fit()
+        w = fit["white"](g)
         if self.kind == "centroid":
-            if self._matrix is None:
-                self._matrix = l2_normalize(np.stack([self._samples[n].mean(axis=0) for n in labels]))
-            return q @ self._matrix.T
-        if self._matrix is None:
-            self._matrix = np.vstack([self._samples[n] for n in labels])
-        sims = q @ self._matrix.T
-        out = np.empty((len(q), len(labels)), dtype=np.float32)
-        start = 0
-        for c, name in enumerate(labels):
-            n = len(self._samples[name])
-            block = sims[:, start:start + n]
-            k = min(self.k, n)
-            top = np.partition(block, n - k, axis=1)[:, n - k:] if k < n else block
-            out[:, c] = top.mean(axis=1)
-            start += n
+            return w @ fit["choice"].T
+        out = np.empty((len(w), len(fit["labels"])), dtype=np.float32)
+        for c, samples in enumerate(fit["choice"]):
+            sims = w @ samples.T
+            k = min(self.k, sims.shape[1])
+            out[:, c] = np.sort(sims, axis=1)[:, -k:].mean(axis=1)
         return out
 
-    def predict(self, x: np.ndarray) -> tuple:
-        """(best class index per row, its score); index -1 when the head knows no class."""
-        s = self.scores(x)
-        if s.shape[1] == 0:
-            return np.full(len(s), -1), np.zeros(len(s), dtype=np.float32)
-        idx = s.argmax(axis=1)
-        return idx, s[np.arange(len(s)), idx]
+    def evaluate(self, x: np.ndarray) -> tuple:
+        """(choice scores (N, C), gate scores (N, C)) for raw embeddings x."""
+        fit = self._ensure_fit()
+        g = gate_features(np.atleast_2d(x), self.mean)
+        if not fit["labels"]:
+            empty = np.zeros((len(g), 0), dtype=np.float32)
+            return empty, empty
+        return self.choice_scores(g), g @ fit["centroids"].T
 
+    def predict(self, x: np.ndarray) -> tuple:
+        """(class index per row or -1 for unknown, gate similarity per row)."""
+        choice, gate = self.evaluate(x)
+        if choice.shape[1] == 0:
+            return np.full(len(choice), -1), np.zeros(len(choice), dtype=np.float32)
+        idx = choice.argmax(axis=1)
+        sim = gate[np.arange(len(idx)), idx]
+        return np.where(sim >= self.threshold, idx, -1), sim
+
+    def predict_closed(self, x: np.ndarray) -> np.ndarray:
+        """Best class per row, ignoring the unknown gate (closed-set accuracy)."""
+        choice, _ = self.evaluate(x)
+        return choice.argmax(axis=1) if choice.shape[1] else np.full(len(choice), -1)
+
+
+def _whitener(residuals: np.ndarray) -> tuple:
+    """Shrunk within-class whitening as (basis, per-direction scale, 1/sqrt(lambda))."""
+    dim = residuals.shape[1]
+    if len(residuals) < 2 or not np.any(residuals):
+        return np.zeros((0, dim), np.float32), np.zeros(0, np.float32), np.float32(1.0)
+    _, s, vt = np.linalg.svd(residuals, full_matrices=False)
+    var = (s ** 2) / len(residuals)
+    lam = max(SHRINK * float(var.sum()) / dim, 1e-12)
+    scale = 1.0 / np.sqrt(var + lam) - 1.0 / np.sqrt(lam)
+    return vt.astype(np.float32), scale.astype(np.float32), np.float32(1.0 / np.sqrt(lam))
+
+
+def auto_threshold(groups) -> float:
+    """Gate threshold from leave-one-out similarities of samples to their own class centroid."""
+    loo = []
+    for g in groups:
+        if len(g) >= 2:
+            rest = l2_normalize(g.sum(axis=0, keepdims=True) - g)
+            loo.append(np.sum(rest * g, axis=1))
+    values = np.concatenate(loo) if loo else np.zeros(0)
+    if len(values) < MIN_LOO:
+        return FALLBACK_THRESHOLD
+    return float(AUTO_FACTOR * np.quantile(values, AUTO_QUANTILE))
+
+
+def plain_centroid_predict(train: Dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The baseline the head is measured against: L2-normalized nearest centroid, no gate."""
+    names = list(train)
+    cents = l2_normalize(np.stack([l2_normalize(train[n]).mean(axis=0) for n in names]))
+    return (l2_normalize(x) @ cents.T).argmax(axis=1)

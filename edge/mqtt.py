@@ -1,0 +1,530 @@
+"""The MQTT link: what the box sees goes out, commands and training frames come in.
+
+A thin layer over paho-mqtt 2.x (callback API v2). `connect_async` + `loop_start` run the network
+on paho's own thread, so a broker that is down at boot, or restarts later, only delays messages:
+paho reconnects with backoff and `on_connect` subscribes again and re-announces the retained
+topics. Commands are parsed and checked here, on paho's thread, then handed to the box's queue as
+`edge.app.Command`s; only the box's loop thread changes state. docs/mqtt.md is the contract.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
+
+import numpy as np
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+
+from edge import __version__
+from edge.app import Command, Decision, Outputs
+from edge.camera import Camera
+from edge.image import ImageError, load_image
+
+log = logging.getLogger(__name__)
+
+COMMAND_MAX_BYTES = 4096
+FRAME_MAX_BYTES = 5 * 1024 * 1024
+MAX_RECORD_SECONDS = 60.0
+MAX_RECORD_COUNT = 500
+MAX_NAME = 64           # the box checks the real limits; this only bounds what we pass on
+MAX_ID = 128
+ACTIONS = ("record", "record/stop", "undo", "clear", "rename", "threshold", "classes", "state")
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class CommandInvalid(ValueError):
+    """A command payload this module refuses before it reaches the box."""
+
+
+# --- frames over MQTT -----------------------------------------------------------------------------
+
+class MqttCamera(Camera):
+    """Frames published to `<prefix>/camera/frame` (JPEG or PNG), as a camera source.
+
+    paho's thread only queues the raw payload (`offer`); decoding happens in `read()` on the
+    box's loop thread, so a slow decode never stalls the network. The queue is small and drops the
+    oldest frame when full: a sender faster than the box sees the newest pictures, never a backlog.
+    """
+
+    name = "mqtt"
+
+    def __init__(self, depth: int = 4, wait: float = 0.2, max_bytes: int = FRAME_MAX_BYTES):
+        self.wait = wait
+        self.max_bytes = max_bytes
+        self.dropped = 0
+        self._frames: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
+
+    def offer(self, payload: bytes) -> None:
+        """Queue one received payload (any thread). Oversized ones are replaced by their size,
+        so they cost no memory here and still become an error for the sender to see."""
+        item: Any = len(payload) if len(payload) > self.max_bytes else bytes(payload)
+        while True:
+            try:
+                self._frames.put_nowait(item)
+                return
+            except queue.Full:
+                try:
+                    self._frames.get_nowait()
+                    self.dropped += 1
+                except queue.Empty:
+                    pass
+
+    def read(self) -> Optional[np.ndarray]:
+        """The next frame as RGB uint8, None if none arrived within `wait` seconds.
+        Raises ImageError for an oversized, non-JPEG/PNG or undecodable payload."""
+        try:
+            item = self._frames.get(timeout=self.wait)
+        except queue.Empty:
+            return None
+        if isinstance(item, int):
+            raise ImageError(f"frame of {item} bytes is larger than the limit of {self.max_bytes} bytes")
+        if not (item.startswith(JPEG_MAGIC) or item.startswith(PNG_MAGIC)):
+            raise ImageError(f"frame of {len(item)} bytes is not a JPEG or PNG image")
+        return np.asarray(load_image(io.BytesIO(item)))
+
+    def pending(self) -> int:
+        return self._frames.qsize()
+
+
+# --- command parsing ------------------------------------------------------------------------------
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _name(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise CommandInvalid(f"'{key}' must be a non-empty text")
+    if len(value) > MAX_NAME:
+        raise CommandInvalid(f"'{key}' is longer than {MAX_NAME} characters")
+    return value.strip()
+
+
+def _only(body: dict, allowed: Tuple[str, ...]) -> None:
+    for key in body:
+        if key not in allowed + ("id",):
+            known = ", ".join(allowed + ("id",))
+            raise CommandInvalid(f"unknown key {key!r} (known: {known})")
+
+
+def decode_payload(payload: bytes) -> Tuple[Any, Any]:
+    """(body, id) of a command payload: a dict for a JSON object, else a text (maybe empty).
+
+    A payload starting with `{` or `[` must be JSON, one starting with `"` a JSON string;
+    anything else is plain text, so `0.7` or `shoes` work from tools that only send text.
+    """
+    if len(payload) > COMMAND_MAX_BYTES:
+        raise CommandInvalid(f"payload of {len(payload)} bytes is larger than {COMMAND_MAX_BYTES} bytes")
+    try:
+        text = bytes(payload).decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CommandInvalid("payload is not UTF-8 text") from None
+    if not text or text[0] not in '{["':
+        return text, None
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise CommandInvalid(f"payload is not valid JSON ({exc})") from None
+    if isinstance(body, str):
+        return body.strip(), None
+    if not isinstance(body, dict):
+        raise CommandInvalid("a JSON payload must be an object or a string")
+    ident = body.get("id")
+    if ident is not None and not (isinstance(ident, str) and len(ident) <= MAX_ID
+                                  or isinstance(ident, int) and not isinstance(ident, bool)):
+        raise CommandInvalid(f"'id' must be a text of at most {MAX_ID} characters or an integer")
+    return body, ident
+
+
+def parse_command(action: str, payload: bytes) -> Tuple[dict, Any]:
+    """Check one command; returns (args for edge.app.Command, request id) or raises CommandInvalid.
+
+    Only form is checked here (types, bounds, sizes); what depends on the box's state (does
+    the class exist?) is the box's to answer.
+    """
+    if action not in ACTIONS:
+        raise CommandInvalid(f"unknown action {action[:64]!r} (known: {', '.join(ACTIONS)})")
+    body, ident = decode_payload(payload)
+    is_json = isinstance(body, dict)
+
+    if action == "record":
+        if not is_json:
+            return {"class": _name(body, "class")}, ident
+        _only(body, ("class", "seconds", "count"))
+        args: Dict[str, Any] = {"class": _name(body.get("class"), "class")}
+        seconds, count = body.get("seconds"), body.get("count")
+        if seconds is not None and count is not None:
+            raise CommandInvalid("give 'seconds' or 'count', not both")
+        if seconds is not None:
+            if not _is_number(seconds) or not 0 < seconds <= MAX_RECORD_SECONDS:
+                raise CommandInvalid(f"'seconds' must be a number above 0 and at most {MAX_RECORD_SECONDS:g}")
+            args["seconds"] = float(seconds)
+        if count is not None:
+            if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_RECORD_COUNT:
+                raise CommandInvalid(f"'count' must be a whole number from 1 to {MAX_RECORD_COUNT}")
+            args["count"] = count
+        return args, ident
+
+    if action in ("record/stop", "undo", "state"):
+        if is_json:   # plain text is ignored: some tools cannot send an empty message
+            _only(body, ())
+        return {}, ident
+
+    if action == "clear":
+        if not is_json:
+            return {"class": _name(body, "class") if body else None}, ident
+        _only(body, ("class",))
+        name = body.get("class")
+        return {"class": None if name is None or name == "" else _name(name, "class")}, ident
+
+    if action == "rename":
+        if not is_json:
+            raise CommandInvalid('rename needs a JSON object: {"from": "old name", "to": "new name"}')
+        _only(body, ("from", "to"))
+        return {"from": _name(body.get("from"), "from"), "to": _name(body.get("to"), "to")}, ident
+
+    if action == "threshold":
+        value = body.get("value") if is_json else body
+        if is_json:
+            _only(body, ("value",))
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return {"value": "auto"}, ident
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                value = None
+        if not _is_number(value) or not -1.0 <= value <= 1.0:
+            raise CommandInvalid("threshold must be 'auto' or a number from -1 to 1")
+        return {"value": float(value)}, ident
+
+    # classes
+    if not is_json:
+        raise CommandInvalid('classes needs a JSON object: {"add": "name"} or {"remove": "name"}')
+    _only(body, ("add", "remove"))
+    if ("add" in body) == ("remove" in body):
+        raise CommandInvalid("give exactly one of 'add' and 'remove'")
+    key = "add" if "add" in body else "remove"
+    return {key: _name(body[key], key)}, ident
+
+
+# --- the link -------------------------------------------------------------------------------------
+
+def default_client_factory(client_id: str) -> paho.Client:
+    """A paho client with callback API v2 and MQTT 3.1.1 (what Scratch, Node-RED and HA all speak)."""
+    return paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+                       protocol=MQTTProtocolVersion.MQTTv311, clean_session=True)
+
+
+class MqttLink(Outputs):
+    """Publishes decisions, state and events; turns `<prefix>/cmd/<action>` messages into Commands.
+
+    Retained topics (status, label, state, discovery) are kept as "latest value" and sent again
+    on every connect. Other messages (predictions, events, command results) go out at once when
+    connected; while the broker is away the newest `max_queue` wait in a deque here, older ones are
+    dropped and counted in `dropped`. Nothing is handed to paho while disconnected, so paho's own
+    unbounded offline queue never grows (and it is capped at `max_queue` for the moment between a
+    lost connection and paho noticing it).
+    """
+
+    RECONNECT_DELAY = (1, 30)     # seconds: first retry, longest wait (paho doubles in between)
+    CLOSE_TIMEOUT = 2.0           # seconds to get "offline" out on a clean stop
+
+    def __init__(self, cfg, device_id: str, submit: Callable[[Command], None],
+                 frame_source: bool = False, client_factory: Optional[Callable[[str], Any]] = None):
+        self.cfg = cfg
+        self.device_id = device_id
+        self.prefix = cfg.prefix or f"edge/{device_id}"
+        self.client_id = cfg.client_id or f"edge-{device_id}"
+        self.camera: Optional[MqttCamera] = MqttCamera() if frame_source else None
+        self.connected = False
+        self.dropped = 0
+        self._submit = submit
+        self._factory = client_factory or default_client_factory
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._pending: Deque[Tuple[str, bytes, int]] = deque()
+        self._retained: Dict[str, Tuple[bytes, int]] = {}
+        self._state: Optional[dict] = None
+        self._label: Optional[str] = None
+        self._interval = 1.0 / cfg.rate
+        self._last_prediction = -math.inf
+        self._dropping = False
+        self._closed = False
+        self._warned: Optional[str] = None
+
+    def topic(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Configure the client and start connecting in the background; never raises for a
+        missing broker (or for TLS files it cannot load: that is logged and MQTT stays off)."""
+        if not self.cfg.enabled:
+            log.info("MQTT is off (mqtt.enabled is false)")
+            return
+        try:
+            client = self._factory(self.client_id)
+            client.will_set(self.topic("status"), "offline", qos=1, retain=True)
+            if self.cfg.username is not None:
+                client.username_pw_set(self.cfg.username, self.cfg.password)
+            tls = self.cfg.tls
+            if tls.enabled:
+                client.tls_set(ca_certs=_str(tls.ca), certfile=_str(tls.cert), keyfile=_str(tls.key))
+                if tls.insecure:
+                    client.tls_insecure_set(True)
+            client.reconnect_delay_set(*self.RECONNECT_DELAY)
+            client.max_queued_messages_set(self.cfg.max_queue)
+            client.on_connect = self._on_connect
+            client.on_connect_fail = self._on_connect_fail
+            client.on_disconnect = self._on_disconnect
+            client.on_message = self._on_message
+            client.on_subscribe = self._on_subscribe
+            client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
+        except Exception as exc:  # bad TLS files, say: the box works on without MQTT
+            log.error("MQTT is off: cannot set up the connection to %s:%s: %s",
+                      self.cfg.host, self.cfg.port, exc)
+            return
+        self._client = client
+        client.loop_start()
+        log.info("MQTT: connecting to %s:%s as %s, topics under %s/", self.cfg.host, self.cfg.port,
+                 self.client_id, self.prefix)
+
+    def close(self) -> None:
+        """Say "offline" (if connected), disconnect, stop paho's thread. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            client, connected = self._client, self.connected
+        if client is None:
+            return
+        try:
+            if connected:
+                info = client.publish(self.topic("status"), "offline", qos=1, retain=True)
+                info.wait_for_publish(timeout=self.CLOSE_TIMEOUT)
+            client.disconnect()
+        except Exception as exc:  # the broker went away at the same moment: the will says offline
+            log.debug("MQTT: clean stop incomplete: %s", exc)
+        client.loop_stop()
+        self.connected = False
+
+    # --- Outputs (called on the box's loop thread) -------------------------------------------
+
+    def decision(self, d: Decision) -> None:
+        try:
+            if d.changed or self._label is None:
+                self._label = d.label
+                self._publish(self.topic("label"), d.label, qos=1, retain=True)
+            now = time.monotonic()
+            # 10% slack so frames arriving just under the interval do not halve the rate.
+            if self.camera is None and not d.changed and now - self._last_prediction < self._interval * 0.9:
+                return
+            self._last_prediction = now
+            self._publish(self.topic("prediction"), _json({
+                "label": d.label, "index": d.index, "confidence": d.confidence, "scores": d.scores,
+                "ts": round(d.ts, 3), "frame": d.frame}), qos=0)
+        except Exception:
+            log.exception("MQTT: publishing a decision failed")
+
+    def state(self, s: dict) -> None:
+        try:
+            self._state = dict(s)
+            self._publish(self.topic("state"), self._state_payload(), qos=1, retain=True)
+        except Exception:
+            log.exception("MQTT: publishing the state failed")
+
+    def event(self, e: dict) -> None:
+        try:
+            self._publish(self.topic("event"), _json(e), qos=1)
+        except Exception:
+            log.exception("MQTT: publishing an event failed")
+
+    # --- publishing --------------------------------------------------------------------------
+
+    def _state_payload(self) -> bytes:
+        extra = {"dropped": self.dropped, "prefix": self.prefix}
+        if self.camera is not None:
+            extra["frames_dropped"] = self.camera.dropped
+        return _json(dict(self._state or {}, device_id=self.device_id, mqtt=extra))
+
+    def _publish(self, topic: str, payload: Any, qos: int, retain: bool = False) -> None:
+        data = payload if isinstance(payload, bytes) else str(payload).encode("utf-8")
+        with self._lock:
+            if self._closed:
+                return
+            if retain:
+                self._retained[topic] = (data, qos)
+            if self.connected and self._send(topic, data, qos, retain):
+                return
+            if not retain:    # retained topics go out again on connect anyway
+                self._enqueue(topic, data, qos)
+
+    def _send(self, topic: str, data: bytes, qos: int, retain: bool) -> bool:
+        """Hand one message to paho (lock held). False when paho refuses it (not connected)."""
+        info = self._client.publish(topic, data, qos=qos, retain=retain)
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _enqueue(self, topic: str, data: bytes, qos: int) -> None:
+        self._pending.append((topic, data, qos))
+        while len(self._pending) > self.cfg.max_queue:
+            self._pending.popleft()
+            self.dropped += 1
+            if not self._dropping:
+                self._dropping = True
+                log.warning("MQTT: broker away and %d messages waiting; dropping the oldest",
+                            self.cfg.max_queue)
+
+    # --- paho callbacks (paho's thread; an exception here would end paho's loop) -------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            if reason_code.is_failure:
+                self._warn_once(f"MQTT: broker {self.cfg.host}:{self.cfg.port} refused the connection: "
+                                f"{reason_code} (check mqtt.username and the password)")
+                return
+            subscriptions = [(self.topic("cmd/#"), 1)]
+            if self.camera is not None:
+                subscriptions.append((self.topic("camera/frame"), 0))
+            if self.cfg.homeassistant:
+                subscriptions.append((f"{self.cfg.discovery_prefix}/status", 1))
+            client.subscribe(subscriptions)
+            with self._lock:
+                if self._closed:
+                    return
+                self.connected = True
+                self._send(self.topic("status"), b"online", 1, True)
+                if self.cfg.homeassistant:
+                    self._send_discovery()
+                if self._state is not None:
+                    self._retained[self.topic("state")] = (self._state_payload(), 1)
+                for topic, (data, qos) in self._retained.items():
+                    self._send(topic, data, qos, True)
+                flushed, dropped = len(self._pending), self.dropped
+                while self._pending:
+                    topic, data, qos = self._pending.popleft()
+                    self._send(topic, data, qos, False)
+                self._dropping = False
+            self._warned = None
+            log.info("MQTT: connected to %s:%s (%d queued messages sent, %d dropped so far)",
+                     self.cfg.host, self.cfg.port, flushed, dropped)
+        except Exception:
+            log.exception("MQTT: handling the connection failed")
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        self._warn_once(f"MQTT: cannot reach broker {self.cfg.host}:{self.cfg.port}; retrying")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._lock:
+            was, self.connected = self.connected, False
+        if was and not self._closed:
+            log.warning("MQTT: lost the broker (%s); reconnecting", reason_code)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        for rc in reason_codes:
+            if rc.is_failure:
+                log.error("MQTT: the broker refused a subscription (%s): commands or frames "
+                          "will not arrive; check the broker's ACL", rc)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            topic = msg.topic
+            cmd_root = self.topic("cmd/")
+            if topic.startswith(cmd_root):
+                action = topic[len(cmd_root):]
+                if action != "result":   # our own answers come back through cmd/#
+                    self._command(action, msg.payload)
+            elif self.camera is not None and topic == self.topic("camera/frame"):
+                self.camera.offer(msg.payload)
+            elif topic == f"{self.cfg.discovery_prefix}/status" and msg.payload.strip() == b"online":
+                with self._lock:
+                    if self.connected:
+                        self._send_discovery()
+        except Exception:
+            log.exception("MQTT: handling a message failed")
+
+    def _warn_once(self, message: str) -> None:
+        """Log a connection problem once, repeats only at debug level (a broker away all night
+        must not fill the journal)."""
+        if message != self._warned:
+            self._warned = message
+            log.warning("%s", message)
+        else:
+            log.debug("%s", message)
+
+    # --- commands ----------------------------------------------------------------------------
+
+    def _command(self, action: str, payload: bytes) -> None:
+        try:
+            args, ident = parse_command(action, payload)
+        except CommandInvalid as exc:
+            log.info("MQTT: refused command %s: %s", action[:64], exc)
+            result = {"action": action[:64], "ok": False, "error": str(exc)}
+            ident = _loose_id(payload)
+            if ident is not None:
+                result["id"] = ident
+            self._reply(result)
+            return
+        log.info("MQTT: command %s %s", action, args)
+        self._submit(Command(action, args, ident, self._reply))
+
+    def _reply(self, result: dict) -> None:
+        self._publish(self.topic("cmd/result"), _json(result), qos=1)
+
+    # --- Home Assistant ----------------------------------------------------------------------
+
+    def discovery(self) -> Dict[str, dict]:
+        """Home Assistant discovery configs: topic -> payload (two sensors of one device)."""
+        node = f"{self.cfg.discovery_prefix}/sensor/{self.device_id}"
+        uid = f"edge_{self.device_id}".replace("-", "_")
+        common = {
+            "availability_topic": self.topic("status"),
+            "payload_available": "online",
+            "payload_not_available": "offline",
+            "device": {"identifiers": [uid], "name": f"edge {self.device_id}",
+                       "model": "edge teachable camera", "manufacturer": "edge",
+                       "sw_version": __version__},
+        }
+        return {
+            f"{node}/label/config": dict(common, name="Label", unique_id=f"{uid}_label",
+                                         state_topic=self.topic("label"), icon="mdi:eye"),
+            f"{node}/confidence/config": dict(common, name="Confidence", unique_id=f"{uid}_confidence",
+                                              state_topic=self.topic("prediction"),
+                                              value_template="{{ (value_json.confidence * 100) | round(0) }}",
+                                              unit_of_measurement="%", icon="mdi:gauge"),
+        }
+
+    def _send_discovery(self) -> None:
+        """(lock held, connected)"""
+        for topic, config in self.discovery().items():
+            self._send(topic, _json(config), 1, True)
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+
+
+def _str(path) -> Optional[str]:
+    return None if path is None else str(path)
+
+
+def _loose_id(payload: bytes) -> Any:
+    """The request id of a payload refused for its content, so the sender can match the answer."""
+    try:
+        body = json.loads(bytes(payload[:COMMAND_MAX_BYTES]).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    ident = body.get("id") if isinstance(body, dict) else None
+    if isinstance(ident, str) and len(ident) <= MAX_ID or isinstance(ident, int) and not isinstance(ident, bool):
+        return ident
+    return None

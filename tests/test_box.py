@@ -1,0 +1,233 @@
+"""The box end to end, in process: real model, real photos through a folder camera, real gpiozero
+on mock pins, a real store on disk. Hold a button while photos play, then watch the LEDs."""
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge import app as app_module
+from edge.app import Box, Command
+from edge.camera import FolderCamera
+from edge.config import parse_config
+from edge.image import list_images
+from edge.panel import Panel, use_mock_pins
+from edge.store import Store
+
+PINS = {"A": ("GPIO17", "GPIO27"), "B": ("GPIO22", "GPIO23")}
+
+
+def wait_for(predicate, timeout=30.0, step=0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+class Rig:
+    """A running box plus the handles a test needs: camera folder, pins, store."""
+
+    def __init__(self, tmp_path, engine):
+        self.tmp = tmp_path
+        self.engine = engine
+        self.cam = tmp_path / "camera"
+        self.cam.mkdir(exist_ok=True)
+        self.cfg = parse_config({
+            "classes": [{"name": n, "button": b, "led": l} for n, (b, l) in PINS.items()],
+            "function_button": "GPIO26", "status_led": "GPIO16",
+            "camera": {"source": "folder", "folder": str(self.cam), "fps": 30},
+            "capture": {"rate": 12, "max_per_class": 100, "min_change": 0.01},
+            "store": {"path": str(tmp_path / "store")},
+        }, base=tmp_path)
+        self.factory = use_mock_pins()
+        self.events = []
+        self.start()
+
+    def start(self):
+        self.store = Store(self.cfg.store.path, self.engine.model_id, self.engine.dim,
+                           max_per_class=self.cfg.capture.max_per_class)
+        self.store.open()
+        self.box = Box(self.cfg, self.engine, self.store, FolderCamera(self.cam, fps=30), panel=None)
+        self.box.panel = Panel(self.cfg.classes, self.cfg.function_button, self.cfg.status_led,
+                               send=self.box.submit)
+        self.box.outputs.append(self)
+        self.thread = threading.Thread(target=self.box.run, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.box.stop()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+        self.box.panel.close()
+        self.store.close()
+
+    # Outputs: the test listens like MQTT would.
+    def decision(self, d):
+        pass
+
+    def state(self, s):
+        pass
+
+    def event(self, e):
+        self.events.append(e)
+
+    def show(self, files):
+        for old in self.cam.iterdir():
+            old.unlink()
+        for i, f in enumerate(files):
+            shutil.copy(f, self.cam / f"{i:03d}{f.suffix}")
+
+    def pin(self, name):
+        return self.factory.pin(name)
+
+    def led(self, cls):
+        return self.pin(PINS[cls][1]).state
+
+    def counts(self):
+        return self.store.knowledge.counts()
+
+    def teach(self, cls, files, n):
+        self.show(files)
+        before = self.counts().get(cls, 0)
+        self.pin(PINS[cls][0]).drive_low()
+        assert wait_for(lambda: self.counts().get(cls, 0) >= before + n), self.counts()
+        self.pin(PINS[cls][0]).drive_high()
+        assert wait_for(lambda: self.box.recording is None, 5)
+
+    def lit_share(self, seconds=2.5):
+        """Share of time each LED was on while the current photos played (after settling)."""
+        time.sleep(0.8)
+        on = {"A": 0, "B": 0}
+        n = 0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for c in on:
+                on[c] += bool(self.led(c))
+            n += 1
+            time.sleep(0.02)
+        return {c: v / n for c, v in on.items()}
+
+
+@pytest.fixture
+def rig(tmp_path, engine):
+    r = Rig(tmp_path, engine)
+    yield r
+    if r.thread.is_alive():
+        r.stop()
+
+
+def test_teach_with_buttons_then_recognise_and_remember(rig, clothing, calibration):
+    shoes_train = list_images(clothing / "train" / "shoes")
+    hats_train = list_images(clothing / "train" / "hat")
+    rig.teach("A", shoes_train, 15)
+    rig.teach("B", hats_train, 15)
+    assert rig.counts()["A"] >= 15 and rig.counts()["B"] >= 15
+    assert any(e["event"] == "sample_added" and e["class"] == "A" for e in rig.events)
+
+    rig.show(list_images(clothing / "test" / "shoes")[:12])
+    share = rig.lit_share()
+    assert share["A"] > 0.8 and share["B"] < 0.1, share
+    rig.show(list_images(clothing / "test" / "hat")[:12])
+    share = rig.lit_share()
+    assert share["B"] > 0.8 and share["A"] < 0.1, share
+    rig.show(list_images(calibration / "registry-photos")[:12])
+    share = rig.lit_share()
+    assert share["A"] < 0.2 and share["B"] < 0.2, share
+    assert rig.box.label == "unknown" or max(share.values()) < 0.2
+
+    counts = rig.counts()
+    rig.stop()
+    rig.start()  # a reboot: a new box on the same store
+    assert rig.counts() == counts
+    rig.show(list_images(clothing / "test" / "shoes")[:12])
+    share = rig.lit_share()
+    assert share["A"] > 0.8 and share["B"] < 0.1, share
+
+
+def test_function_button_undo_and_clear(rig, clothing):
+    rig.teach("A", list_images(clothing / "train" / "shoes"), 5)
+    rig.teach("B", list_images(clothing / "train" / "hat"), 4)
+    b_count = rig.counts()["B"]
+    a_count = rig.counts()["A"]
+    fn = rig.pin("GPIO26")
+    fn.drive_low()
+    time.sleep(0.1)
+    fn.drive_high()  # a short tap: undo the last burst (B's)
+    assert wait_for(lambda: "B" not in rig.counts()), rig.counts()
+    assert rig.counts()["A"] == a_count and b_count > 0
+    assert any(e["event"] == "burst_undone" for e in rig.events)
+
+    fn.drive_low()  # hold function + press A: clear A
+    time.sleep(0.1)
+    rig.pin("GPIO17").drive_low()
+    time.sleep(0.1)
+    rig.pin("GPIO17").drive_high()
+    fn.drive_high()
+    assert wait_for(lambda: "A" not in rig.counts()), rig.counts()
+    assert rig.box.recording is None
+
+
+def test_hold_function_clears_everything(rig, clothing, monkeypatch):
+    monkeypatch.setattr(app_module, "CLEAR_ALL_HOLD", 0.5)
+    rig.teach("A", list_images(clothing / "train" / "shoes"), 3)
+    rig.pin("GPIO26").drive_low()
+    assert wait_for(lambda: rig.counts() == {}, 5), rig.counts()
+    rig.pin("GPIO26").drive_high()
+    assert any(e["event"] == "all_cleared" for e in rig.events)
+
+
+def test_commands_answer_and_bad_ones_change_nothing(rig, clothing):
+    rig.show(list_images(clothing / "train" / "shoes"))
+    replies = []
+    rig.box.submit(Command("record", {"class": "a", "count": 4}, id="r1", reply=replies.append))
+    assert wait_for(lambda: rig.counts().get("A", 0) >= 4 and rig.box.recording is None)
+    assert replies[0] == {"action": "record", "ok": True, "id": "r1"}
+    before = rig.counts()
+    for action, args in [("record", {"class": "Z"}), ("rename", {"from": "A", "to": "B"}),
+                         ("threshold", {"value": "high"}), ("threshold", {"value": 3}),
+                         ("classes", {}), ("explode", {}), ("record", {"class": None})]:
+        rig.box.submit(Command(action, args, reply=replies.append))
+    assert wait_for(lambda: len(replies) == 8)
+    assert all(r["ok"] is False and r["error"] for r in replies[1:]), replies
+    assert rig.counts() == before and rig.thread.is_alive()
+
+    rig.box.submit(Command("rename", {"from": "A", "to": "Shoes"}, reply=replies.append))
+    rig.box.submit(Command("threshold", {"value": "0.5"}, reply=replies.append))
+    assert wait_for(lambda: len(replies) == 10)
+    assert replies[-2]["ok"] and replies[-1]["ok"], replies
+    state = rig.box.state()
+    assert state["classes"][0] == {"name": "Shoes", "samples": before["A"]}
+    assert state["threshold"] == 0.5
+    rig.stop()
+    rig.start()
+    assert rig.box.state()["classes"][0]["name"] == "Shoes"  # renames survive a restart
+    assert rig.box.head.threshold == 0.5
+
+
+def test_button_held_through_restart_is_ignored_until_released(rig, clothing):
+    rig.show(list_images(clothing / "train" / "shoes"))
+    rig.stop()
+    rig.pin("GPIO17").drive_low()  # held while the box starts
+    rig.start()
+    time.sleep(1.0)
+    assert rig.box.recording is None and rig.counts() == {}
+    rig.pin("GPIO17").drive_high()
+    rig.pin("GPIO17").drive_low()  # a fresh press records
+    assert wait_for(lambda: rig.counts().get("A", 0) >= 2)
+    rig.pin("GPIO17").drive_high()
+
+
+def test_camera_fault_shows_on_status_led_and_recovers(rig, clothing):
+    rig.show(list_images(clothing / "train" / "shoes")[:3])
+    assert wait_for(lambda: rig.box.frames > 3)
+    for f in rig.cam.iterdir():
+        f.unlink()  # the camera "sees" nothing: a fault
+    assert wait_for(lambda: rig.box.fault == "camera", 5)
+    assert any(e["event"] == "error" and e["source"] == "camera" for e in rig.events)
+    rig.show(list_images(clothing / "train" / "shoes")[:3])
+    assert wait_for(lambda: rig.box.fault is None, 15)
+    assert rig.pin("GPIO16").state == 1  # steady on again
