@@ -1,62 +1,96 @@
-"""The head: pure numpy scoring, learning and forgetting."""
+"""The head and the smoother: pure numpy, no fixtures."""
 
 import numpy as np
 import pytest
 
-from edge.head import Head, l2_normalize
+from edge.head import FALLBACK_THRESHOLD, Head, auto_threshold, gate_features, l2_normalize
+from edge.smoothing import UNKNOWN, Smoother
 
 
 def blobs(rng, centre, n, noise=0.1):
-    return centre + noise * rng.standard_normal((n, centre.size)).astype(np.float32)
+    return (centre + noise * rng.standard_normal((n, centre.size))).astype(np.float32)
+
+
+@pytest.fixture
+def two_classes():
+    rng = np.random.default_rng(1)
+    a, b = np.abs(rng.standard_normal(64)) * 3, np.abs(rng.standard_normal(64)) * 3
+    return rng, a, b
 
 
 @pytest.mark.parametrize("kind", ["centroid", "knn"])
-def test_learns_and_predicts_two_classes(kind):
-    rng = np.random.default_rng(1)
-    a, b = rng.standard_normal(16), rng.standard_normal(16)
+def test_learns_two_classes_and_rejects_a_stranger(kind, two_classes):
+    rng, a, b = two_classes
     head = Head(kind)
-    head.add("a", blobs(rng, a, 5))
-    head.add("b", blobs(rng, b, 5))
-    idx, score = head.predict(np.vstack([blobs(rng, a, 3), blobs(rng, b, 3)]))
+    head.set_samples({"a": blobs(rng, a, 8), "b": blobs(rng, b, 8)})
+    idx, sim = head.predict(np.vstack([blobs(rng, a, 3), blobs(rng, b, 3)]))
     assert list(idx) == [0, 0, 0, 1, 1, 1]
-    assert (score > 0.8).all() and (score <= 1.0001).all()
+    stranger = np.abs(rng.standard_normal((5, 64))).astype(np.float32) * 3
+    assert (head.predict(stranger)[0] == -1).all()
+    assert (head.predict_closed(stranger) >= 0).all()  # closed set always names a class
 
 
 def test_knn_is_not_won_by_count():
     """A class with many loose samples must not beat a tight small class on its own ground."""
     rng = np.random.default_rng(2)
     a, b = rng.standard_normal(32), rng.standard_normal(32)
-    head = Head("knn", k=3)
-    head.add("big", blobs(rng, a, 200, noise=0.6))
-    head.add("small", blobs(rng, b, 3, noise=0.05))
-    idx, _ = head.predict(blobs(rng, b, 10, noise=0.05))
-    assert (idx == 1).all()
+    head = Head("knn", k=3, threshold=-1.0)
+    head.set_samples({"big": blobs(rng, a, 200, noise=0.6), "small": blobs(rng, b, 3, noise=0.05)})
+    assert (head.predict(blobs(rng, b, 10, noise=0.05))[0] == 1).all()
 
 
-def test_undo_clear_and_counts():
+def test_whitening_discounts_directions_the_classes_vary_in():
+    """Two classes differ slightly in x, and vary a lot in y: plain cosine gets confused by y,
+    the within-class whitening does not."""
+    rng = np.random.default_rng(5)
+    base = np.zeros(8, np.float32)
+    base[2] = 5.0
+
+    def make(sign, n):
+        x = np.tile(base, (n, 1))
+        x[:, 0] = sign * 0.5
+        x[:, 1] = rng.normal(0, 3.0, n)
+        return x
+
+    head = Head(threshold=-1.0)
+    head.set_samples({"left": make(-1, 30), "right": make(1, 30)})
+    queries = make(1, 200)
+    assert (head.predict_closed(queries) == 1).mean() > 0.9
+
+
+def test_set_class_undo_and_threshold_setting(two_classes):
+    rng, a, b = two_classes
     head = Head()
-    head.add("a", np.eye(4)[:3])
-    head.add("b", np.eye(4)[3:])
-    head.remove_last("a", 2)
-    assert head.counts() == {"a": 1, "b": 1}
-    head.remove_last("a", 5)
+    head.set_samples({"a": blobs(rng, a, 4)})
+    head.set_class("b", blobs(rng, b, 4))
+    assert head.counts() == {"a": 4, "b": 4} and head.labels == ["a", "b"]
+    head.set_class("a", np.zeros((0, 64), np.float32))
     assert head.labels == ["b"]
-    head.clear("b")
-    assert head.labels == [] and head.predict(np.ones(4))[0][0] == -1
-    head.add("c", np.ones(4))
-    head.clear()
-    assert head.counts() == {}
+    head.set_threshold(0.42)
+    assert head.threshold == 0.42
+    head.set_threshold("auto")
+    assert head.threshold != 0.42
 
 
-def test_centering_changes_the_comparison():
-    centre = np.array([1.0, 1.0, 0.0], np.float32)
-    head = Head(center=centre)
-    head.add("x", np.array([2.0, 1.0, 0.0]))
-    # After centring, [2,1,0] points along +x; [1,2,0] points along +y: orthogonal.
-    assert abs(head.scores(np.array([1.0, 2.0, 0.0]))[0, 0]) < 1e-6
-    plain = Head()
-    plain.add("x", np.array([2.0, 1.0, 0.0]))
-    assert abs(plain.scores(np.array([1.0, 2.0, 0.0]))[0, 0]) > 0.5
+def test_auto_threshold_follows_the_spread_of_the_samples():
+    rng = np.random.default_rng(3)
+    c = np.abs(rng.standard_normal(64)) * 3
+    tight = [gate_features(blobs(rng, c, 20, 0.05), None)]
+    loose = [gate_features(blobs(rng, c, 20, 1.5), None)]
+    assert auto_threshold(tight) > auto_threshold(loose)
+    assert auto_threshold([gate_features(blobs(rng, c, 1), None)]) == FALLBACK_THRESHOLD
+
+
+def test_empty_head_knows_nothing():
+    head = Head()
+    idx, sim = head.predict(np.ones((2, 8), np.float32))
+    assert list(idx) == [-1, -1]
+
+
+def test_reference_mean_is_subtracted_before_comparing():
+    mean = np.array([1.0, 1.0, 0.0], np.float32)
+    g = gate_features(np.array([[4.0, 1.0, 0.0]]), mean)
+    assert np.allclose(g, [[1.0, 0.0, 0.0]])
 
 
 def test_l2_normalize_leaves_zero_rows_alone():
@@ -67,3 +101,30 @@ def test_l2_normalize_leaves_zero_rows_alone():
 def test_unknown_head_kind_is_refused():
     with pytest.raises(ValueError, match="head must be"):
         Head("svm")
+
+
+# --- smoothing ------------------------------------------------------------------------------
+
+def test_smoother_ignores_a_single_odd_frame():
+    s = Smoother(window=5, margin=0.05)
+    for _ in range(5):
+        assert s.update([0.9, 0.1], [0.8, 0.1], threshold=0.5) == 0
+    assert s.update([0.1, 0.9], [0.1, 0.8], threshold=0.5) == 0  # one frame of B
+    for _ in range(6):
+        last = s.update([0.1, 0.9], [0.1, 0.8], threshold=0.5)
+    assert last == 1  # a steady B wins
+
+
+def test_smoother_hysteresis_around_the_threshold():
+    s = Smoother(window=1, margin=0.05)
+    assert s.update([1.0], [0.52], threshold=0.5) == 0   # enters above the threshold
+    assert s.update([1.0], [0.47], threshold=0.5) == 0   # stays inside the margin
+    assert s.update([1.0], [0.44], threshold=0.5) == UNKNOWN  # leaves below it
+    assert s.update([1.0], [0.49], threshold=0.5) == UNKNOWN  # re-entering needs the threshold
+    assert s.confidence() == 0.0
+
+
+def test_smoother_resets_when_classes_change():
+    s = Smoother(window=3)
+    s.update([0.9], [0.9], 0.5)
+    assert s.update([0.9, 0.1], [0.9, 0.1], 0.5) == 0  # new shape: fresh start
