@@ -32,7 +32,7 @@ AUTO_FACTOR = 0.9
 FALLBACK_THRESHOLD = 0.3
 MIN_LOO = 4
 # Rows used to estimate the within-class spread (keeps re-fitting fast with thousands of samples).
-MAX_FIT_ROWS = 1024
+MAX_FIT_ROWS = 256
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -93,3 +93,16 @@ def test_no_command_prints_help():
 @pytest.mark.parametrize("argv", [["eval"], ["embed"], ["nope"]])
 def test_usage_errors_exit_2(argv):
     assert edge(*argv).returncode == 2
+
+
+def test_eval_open_set_figures(clothing, calibration):
+    out = edge("eval", clothing, "--shots", 5, "--trials", 2, "--json",
+               "--unknown", calibration / "registry-photos", "--holdout-classes", 2)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    for key in ("unknown_rate", "known_accuracy", "holdout_unknown_rate", "baseline_accuracy"):
+        assert 0.0 <= r[key] <= 1.0
+    assert r["unknown_images"] == 63 and r["holdout_classes"] == 2
+    assert len(r["per_class"]) == 10  # every class is trained in some trial
+    assert r["unknown_rate"] > 0.5  # landscapes and wallpapers are not clothes
+    assert r["known_accuracy"] <= r["accuracy"] + 1e-9  # the gate can only cost known accuracy

@@ -1,0 +1,140 @@
+"""Box benchmarks, reported as ratios measured in one run (see benchmarks/README.md).
+
+  speed: frame to decision (preprocess + invoke + head + smoothing + LED update) / bare invoke(),
+         and head prediction with 5,000 stored samples / invoke().
+  soak:  resident memory and threads of the real daemon (`edge run`, simulated pins, folder
+         camera) sampled over a run of --minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from edge.bench import interleaved  # noqa: E402
+from edge.engine import DEFAULT_MODEL, Embedder  # noqa: E402
+from edge.head import Head  # noqa: E402
+from edge.image import list_images, load_image  # noqa: E402
+
+
+def datasets() -> Path:
+    return Path(os.environ.get("EDGE_DATASETS", REPO.parent / "shared" / "datasets"))
+
+
+def speed(runs: int, threads) -> dict:
+    from edge.app import Box
+    from edge.config import parse_config
+    from edge.panel import Panel, use_mock_pins
+    from edge.store import Store
+
+    engine = Embedder(DEFAULT_MODEL, threads=threads)
+    photos = [load_image(p).resize((640, 480)) for p in list_images(datasets() / "clothing-small" / "test" / "shoes")[:8]]
+    frames = [np.asarray(p) for p in photos]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = parse_config({"store": {"path": f"{tmp}/store"}, "camera": {"source": "folder"}}, base=Path(tmp))
+        use_mock_pins()
+        store = Store(cfg.store.path, engine.model_id, engine.dim)
+        store.open()
+        rng = np.random.default_rng(0)
+        for name in ("A", "B", "C"):  # a typical box: three classes of 60 samples
+            store.append({"op": "add", "class": name,
+                          "vectors": np.abs(rng.normal(0, 1, (60, engine.dim))).astype(np.float32)})
+        box = Box(cfg, engine, store, camera=None, panel=None)
+        box.panel = Panel(cfg.classes, cfg.function_button, cfg.status_led, send=box.submit)
+        x = engine.prepare(frames[0])
+        i = [0]
+
+        def frame_to_decision():
+            i[0] += 1
+            box.process(engine.embed(frames[i[0] % len(frames)]))
+
+        big = Head()
+        big.set_samples({f"c{k}": np.abs(rng.normal(0, 1, (500, engine.dim))).astype(np.float32)
+                         for k in range(10)})
+        t0 = time.perf_counter()
+        big.evaluate(engine.invoke(x))  # fits once (after a change), then cached
+        refit_ms = (time.perf_counter() - t0) * 1000
+        vec = engine.invoke(x)
+        ms = interleaved({"invoke_ms": lambda: engine.invoke(x),
+                          "frame_to_decision_ms": frame_to_decision,
+                          "head_5000_ms": lambda: big.evaluate(vec)}, runs)
+        box.panel.close()
+        store.close()
+    return {
+        "threads": threads or os.cpu_count(),
+        **{k: round(v, 3) for k, v in ms.items()},
+        "frame_to_decision_over_invoke": round(ms["frame_to_decision_ms"] / ms["invoke_ms"], 3),
+        "head_5000_over_invoke": round(ms["head_5000_ms"] / ms["invoke_ms"], 4),
+        "head_5000_refit_ms": round(refit_ms, 1),
+    }
+
+
+def proc_status(pid: int) -> dict:
+    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status") if ":" in line)
+    return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "threads": int(fields["Threads"])}
+
+
+def soak(minutes: float, every: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.yaml"
+        config.write_text(
+            f"camera:\n  source: folder\n  folder: {datasets() / 'clothing-small' / 'test' / 'shoes'}\n"
+            f"  fps: 10\nstore:\n  path: {tmp}/store\n")
+        proc = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config),
+                                 "--simulate", "--no-keys"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        samples = []
+        try:
+            time.sleep(min(20.0, every))
+            end = time.monotonic() + minutes * 60
+            while time.monotonic() < end and proc.poll() is None:
+                samples.append(proc_status(proc.pid))
+                time.sleep(every)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+    rss = [s["rss_mb"] for s in samples]
+    half = max(1, len(rss) // 2)
+    return {
+        "minutes": minutes,
+        "samples": len(rss),
+        "rss_first_mb": round(rss[0], 1),
+        "rss_max_mb": round(max(rss), 1),
+        "rss_last_mb": round(rss[-1], 1),
+        "rss_growth_second_half_mb": round(max(rss[half:]) - max(rss[:half]), 1),
+        "threads_min": min(s["threads"] for s in samples),
+        "threads_max": max(s["threads"] for s in samples),
+        "exit_code": proc.returncode,
+        "errors_logged": sum("ERROR" in line for line in err.splitlines()),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("speed")
+    p.add_argument("--runs", type=int, default=300)
+    p.add_argument("--threads", type=int, default=None)
+    p = sub.add_parser("soak")
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--every", type=float, default=10.0, help="seconds between samples")
+    args = parser.parse_args()
+    result = speed(args.runs, args.threads) if args.what == "speed" else soak(args.minutes, args.every)
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
