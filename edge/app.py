@@ -662,6 +662,7 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
 
         def on_signal(signum, _frame):
             log.info("stopping (%s)", signal.Signals(signum).name)
+            notifier.stopping()
             box.stop()
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -119,10 +119,26 @@ def cmd_bench(args) -> int:
     return EXIT_OK
 
 
-def _config(args):
-    from edge.config import DEFAULT_CONFIG_PATH, load_config
-    path = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
-    return load_config(path)
+SYSTEM_CONFIG = Path("/etc/edge/config.yaml")
+
+
+def config_path(explicit: Optional[str] = None) -> Optional[Path]:
+    """--config, else $EDGE_CONFIG, else the installed box's /etc/edge/config.yaml, else this
+    checkout's config.yaml (so `edge export` on a Pi talks about the same store as the service)."""
+    import os
+    from edge.config import DEFAULT_CONFIG_PATH
+    for candidate in (explicit, os.environ.get("EDGE_CONFIG")):
+        if candidate:
+            return Path(candidate)
+    for candidate in (SYSTEM_CONFIG, DEFAULT_CONFIG_PATH):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _config(args, secrets: bool = True):
+    from edge.config import load_config
+    return load_config(config_path(getattr(args, "config", None)), secrets=secrets)
 
 
 def cmd_run(args) -> int:
@@ -142,7 +158,7 @@ def cmd_check_config(args) -> int:
 def _open_store(args):
     from edge.engine import Embedder
     from edge.store import Store
-    cfg = _config(args)
+    cfg = _config(args, secrets=False)
     engine = Embedder(cfg.model.model_path, threads=1)
     store = Store(cfg.store.path, engine.model_id, engine.dim, max_per_class=cfg.capture.max_per_class)
     store.open()

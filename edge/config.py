@@ -284,10 +284,14 @@ def _jsonable(value: Any) -> Any:
 
 # --- loading --------------------------------------------------------------------------------------
 
-def load_config(path: Union[str, Path, None] = None) -> Config:
-    """Settings from a YAML file (None: the built-in defaults, no file). Raises ConfigError."""
+def load_config(path: Union[str, Path, None] = None, secrets: bool = True) -> Config:
+    """Settings from a YAML file (None: the built-in defaults, no file). Raises ConfigError.
+
+    `secrets=False` skips reading the MQTT password (env var or file): for commands that do not
+    connect, such as `edge export` run while the service (and its credential) is stopped.
+    """
     if path is None:
-        return parse_config({}, source="defaults", base=Path.cwd())
+        return parse_config({}, source="defaults", base=Path.cwd(), secrets=secrets)
     path = Path(path)
     name = path.name or str(path)
     try:
@@ -307,7 +311,7 @@ def load_config(path: Union[str, Path, None] = None) -> Config:
     data = _load_yaml(text, name)
     if data is None:
         raise ConfigError(f"{name}: the file is empty (expected settings such as 'classes:')")
-    return parse_config(data, source=name, base=path.parent)
+    return parse_config(data, source=name, base=path.parent, secrets=secrets)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -355,12 +359,13 @@ def _load_yaml(text: str, name: str) -> Any:
         raise ConfigError(f"{name}: YAML error: {type(exc).__name__}: {exc}") from None
 
 
-def parse_config(data: dict, source: str = "config", base: Optional[Path] = None) -> Config:
+def parse_config(data: dict, source: str = "config", base: Optional[Path] = None,
+                 secrets: bool = True) -> Config:
     """Validated settings from already-parsed YAML. Relative paths resolve against `base`
     (default: the current folder). Raises ConfigError naming `source` and the key path."""
     base = Path.cwd() if base is None else Path(base)
     try:
-        return _parse(data, source, base)
+        return _parse(data, source, base, secrets)
     except _Invalid as exc:
         where = f"{source}: {exc.path}: " if exc.path else f"{source}: "
         raise ConfigError(where + exc.message) from None
@@ -644,7 +649,7 @@ def _file(path: str, text: str, base: Path, folder: bool = False) -> Path:
     return resolved
 
 
-def _parse(data: Any, source: str, base: Path) -> Config:
+def _parse(data: Any, source: str, base: Path, secrets: bool = True) -> Config:
     if data is None:
         raise _Invalid("", "no settings (expected a mapping such as 'classes:' at the top level)")
     top = _mapping("", data, TOP)
@@ -679,7 +684,7 @@ def _parse(data: Any, source: str, base: Path) -> Config:
         head=HeadConfig(**_mapping("head", top.get("head"), HEAD)),
         capture=CaptureConfig(**_mapping("capture", top.get("capture"), CAPTURE)),
         store=StoreConfig(**store),
-        mqtt=_mqtt(top.get("mqtt"), device_id, base),
+        mqtt=_mqtt(top.get("mqtt"), device_id, base, secrets),
         source=source,
     )
 
@@ -743,7 +748,7 @@ def _check_pins(classes, function_button: Optional[str], status_led: Optional[st
         used[number] = path
 
 
-def _mqtt(value: Any, device_id: str, base: Path) -> MqttConfig:
+def _mqtt(value: Any, device_id: str, base: Path, secrets: bool = True) -> MqttConfig:
     mqtt = _mapping("mqtt", value, MQTT)
     tls = _mapping("mqtt.tls", mqtt.pop("tls", None), TLS)
     for key in ("ca", "cert", "key"):
@@ -759,7 +764,9 @@ def _mqtt(value: Any, device_id: str, base: Path) -> MqttConfig:
     if len(sources) > 1:
         raise _Invalid(f"mqtt.{sources[1]}", f"give only one of password, password_env and password_file "
                                              f"(also set: mqtt.{sources[0]})")
-    if "password_env" in sources:
+    if not secrets:
+        pass
+    elif "password_env" in sources:
         name = mqtt["password_env"]
         if name not in os.environ:
             raise _Invalid("mqtt.password_env", f"environment variable {_show(name)} is not set")

@@ -229,11 +229,16 @@ class MqttLink(Outputs):
     """Publishes decisions, state and events; turns `<prefix>/cmd/<action>` messages into Commands.
 
     Retained topics (status, label, state, discovery) are kept as "latest value" and sent again
-    on every connect. Other messages (predictions, events, command results) go out at once when
-    connected; while the broker is away the newest `max_queue` wait in a deque here, older ones are
-    dropped and counted in `dropped`. Nothing is handed to paho while disconnected, so paho's own
-    unbounded offline queue never grows (and it is capped at `max_queue` for the moment between a
-    lost connection and paho noticing it).
+    on every connect, at QoS 0: with QoS 1, paho re-sends an unacknowledged old value after the
+    fresh one when it reconnects, and the broker would keep the stale value.
+
+    Other messages (predictions, events, command results) go out at once when connected; while
+    the broker is away the newest `max_queue` wait in a deque here, older ones are dropped and
+    counted in `dropped`. Nothing is handed to paho while disconnected, so paho's own unbounded
+    offline queue never grows (it is capped at `max_queue` too, for the moment between a lost
+    connection and paho noticing it).
+
+    `client_factory(client_id)` makes the paho client (tests may wrap or replace it).
     """
 
     RECONNECT_DELAY = (1, 30)     # seconds: first retry, longest wait (paho doubles in between)
@@ -260,6 +265,7 @@ class MqttLink(Outputs):
         self._last_prediction = -math.inf
         self._dropping = False
         self._closed = False
+        self._off = False             # MQTT turned off, or the client could not be set up
         self._warned: Optional[str] = None
 
     def topic(self, name: str) -> str:
@@ -270,8 +276,11 @@ class MqttLink(Outputs):
     def start(self) -> None:
         """Configure the client and start connecting in the background; never raises for a
         missing broker (or for TLS files it cannot load: that is logged and MQTT stays off)."""
+        if self._client is not None or self._closed:
+            return
         if not self.cfg.enabled:
             log.info("MQTT is off (mqtt.enabled is false)")
+            self._off = True
             return
         try:
             client = self._factory(self.client_id)
@@ -294,6 +303,7 @@ class MqttLink(Outputs):
         except Exception as exc:  # bad TLS files, say: the box works on without MQTT
             log.error("MQTT is off: cannot set up the connection to %s:%s: %s",
                       self.cfg.host, self.cfg.port, exc)
+            self._off = True
             return
         self._client = client
         client.loop_start()
@@ -325,7 +335,7 @@ class MqttLink(Outputs):
         try:
             if d.changed or self._label is None:
                 self._label = d.label
-                self._publish(self.topic("label"), d.label, qos=1, retain=True)
+                self._publish(self.topic("label"), d.label, qos=0, retain=True)
             now = time.monotonic()
             # 10% slack so frames arriving just under the interval do not halve the rate.
             if self.camera is None and not d.changed and now - self._last_prediction < self._interval * 0.9:
@@ -340,7 +350,7 @@ class MqttLink(Outputs):
     def state(self, s: dict) -> None:
         try:
             self._state = dict(s)
-            self._publish(self.topic("state"), self._state_payload(), qos=1, retain=True)
+            self._publish(self.topic("state"), self._state_payload(), qos=0, retain=True)
         except Exception:
             log.exception("MQTT: publishing the state failed")
 
@@ -361,7 +371,7 @@ class MqttLink(Outputs):
     def _publish(self, topic: str, payload: Any, qos: int, retain: bool = False) -> None:
         data = payload if isinstance(payload, bytes) else str(payload).encode("utf-8")
         with self._lock:
-            if self._closed:
+            if self._closed or self._off:
                 return
             if retain:
                 self._retained[topic] = (data, qos)
@@ -403,11 +413,11 @@ class MqttLink(Outputs):
                 if self._closed:
                     return
                 self.connected = True
-                self._send(self.topic("status"), b"online", 1, True)
+                self._send(self.topic("status"), b"online", 0, True)
                 if self.cfg.homeassistant:
                     self._send_discovery()
                 if self._state is not None:
-                    self._retained[self.topic("state")] = (self._state_payload(), 1)
+                    self._retained[self.topic("state")] = (self._state_payload(), 0)
                 for topic, (data, qos) in self._retained.items():
                     self._send(topic, data, qos, True)
                 flushed, dropped = len(self._pending), self.dropped
@@ -442,9 +452,18 @@ class MqttLink(Outputs):
             cmd_root = self.topic("cmd/")
             if topic.startswith(cmd_root):
                 action = topic[len(cmd_root):]
-                if action != "result":   # our own answers come back through cmd/#
-                    self._command(action, msg.payload)
+                if action == "result":   # our own answers come back through cmd/#
+                    return
+                if msg.retain:           # stored by the broker: would run again at every connect
+                    self._refuse(action, msg.payload, "retained commands are ignored; publish "
+                                 "commands without the retain flag (and clear this one)")
+                    return
+                self._command(action, msg.payload)
             elif self.camera is not None and topic == self.topic("camera/frame"):
+                if msg.retain:
+                    log.info("MQTT: ignoring a retained frame on %s (it would be seen again at "
+                             "every connect)", topic)
+                    return
                 self.camera.offer(msg.payload)
             elif topic == f"{self.cfg.discovery_prefix}/status" and msg.payload.strip() == b"online":
                 with self._lock:
@@ -468,15 +487,18 @@ class MqttLink(Outputs):
         try:
             args, ident = parse_command(action, payload)
         except CommandInvalid as exc:
-            log.info("MQTT: refused command %s: %s", action[:64], exc)
-            result = {"action": action[:64], "ok": False, "error": str(exc)}
-            ident = _loose_id(payload)
-            if ident is not None:
-                result["id"] = ident
-            self._reply(result)
+            self._refuse(action, payload, str(exc))
             return
         log.info("MQTT: command %s %s", action, args)
         self._submit(Command(action, args, ident, self._reply))
+
+    def _refuse(self, action: str, payload: bytes, error: str) -> None:
+        log.info("MQTT: refused command %s: %s", action[:64], error)
+        result = {"action": action[:64], "ok": False, "error": error}
+        ident = _loose_id(payload)
+        if ident is not None:
+            result["id"] = ident
+        self._reply(result)
 
     def _reply(self, result: dict) -> None:
         self._publish(self.topic("cmd/result"), _json(result), qos=1)
@@ -507,7 +529,7 @@ class MqttLink(Outputs):
     def _send_discovery(self) -> None:
         """(lock held, connected)"""
         for topic, config in self.discovery().items():
-            self._send(topic, _json(config), 1, True)
+            self._send(topic, _json(config), 0, True)
 
 
 def _json(value: Any) -> bytes:

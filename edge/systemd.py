@@ -38,7 +38,8 @@ class Notifier:
         if self._sock is None:
             return
         try:
-            self._sock.sendto(message.encode(), self._address)
+            # Never block the frame loop: if systemd is not reading, drop the message.
+            self._sock.sendto(message.encode(), socket.MSG_DONTWAIT, self._address)
         except OSError as exc:  # systemd gone or socket full: never fatal
             log.debug("sd_notify %r failed: %s", message, exc)
 

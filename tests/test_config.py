@@ -601,3 +601,13 @@ def test_random_invalid_configs_give_only_one_line_config_errors(tmp_path, model
             assert SECRET not in message
         # any other exception fails the test with its traceback
     assert failures > 220  # the generator really produces broken files
+
+
+def test_commands_that_do_not_connect_need_no_mqtt_secret(tmp_path, model_file):
+    """`edge export` runs while the service (and its credential file) is stopped."""
+    path = tmp_path / "config.yaml"
+    path.write_text("mqtt:\n  username: box\n  password_file: /run/credentials/edge.service/none\n"
+                    "model:\n  path: model.tflite\n")
+    with pytest.raises(ConfigError, match="password_file"):
+        load_config(path)
+    assert load_config(path, secrets=False).mqtt.password is None
