@@ -642,7 +642,7 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
             link = MqttLink(cfg.mqtt, cfg.device_id, box.submit, frame_source=cfg.camera.source == "mqtt")
             box.outputs.append(link)
         camera = link.camera if link is not None and link.camera is not None else \
-            make_camera(cfg.camera, demo_folder=_demo_folder())
+            make_camera(cfg.camera, demo_folder=_demo_folder(), model_size=engine.size)
         box.camera = camera
         stack.callback(camera.close)
         box.panel = Panel(cfg.classes, cfg.function_button, cfg.status_led, send=box.submit, pwm=cfg.led_pwm)

@@ -124,14 +124,14 @@ class FolderCamera(Camera):
 class Picamera2Camera(Camera):
     """The Raspberry Pi camera through picamera2 (apt's python3-picamera2).
 
-    The ISP scales to a small frame near the model size, so no full-resolution frame is ever
-    copied into Python. Format "BGR888" is picamera2's name for arrays in R, G, B order.
+    The ISP scales to a small frame near the model size (`isp_size`), so no full-resolution frame
+    is ever copied into Python. Format "BGR888" is picamera2's name for arrays in R, G, B order.
     """
 
     name = "picamera2"
 
-    def __init__(self, width: int, height: int, fps: float):
-        self.size = (int(width), int(height))
+    def __init__(self, width: int, height: int, fps: float, model_size: int = 224):
+        self.size = isp_size(int(width), int(height), model_size)
         self.fps = fps
         self._cam = None
 
@@ -146,6 +146,7 @@ class Picamera2Camera(Camera):
             config = cam.create_video_configuration(
                 main={"size": self.size, "format": "BGR888"},
                 controls={"FrameRate": float(self.fps)}, buffer_count=2)
+            cam.align_configuration(config)  # the ISP wants aligned widths
             cam.configure(config)
             cam.start()
         except Exception as exc:  # libcamera raises many types; all mean "no camera now"
@@ -205,6 +206,15 @@ class WebcamCamera(Camera):
             cap.release()
 
 
+def isp_size(width: int, height: int, model_size: int) -> tuple:
+    """The smallest frame of the configured aspect ratio whose short side still covers the model
+    input (width a multiple of 32, height of 16): the ISP scales for free, Python does not."""
+    scale = min(1.0, model_size / min(width, height))
+    w = max(32, int(-(-width * scale // 32)) * 32)
+    h = max(16, int(-(-height * scale // 16)) * 16)
+    return w, h
+
+
 def webcam_present(device: int = 0) -> bool:
     """True when OpenCV is installed and a video device node exists for the index."""
     try:
@@ -222,7 +232,7 @@ def picamera_present() -> bool:
     return True
 
 
-def make_camera(cfg, demo_folder: Optional[Path] = None) -> Camera:
+def make_camera(cfg, demo_folder: Optional[Path] = None, model_size: int = 224) -> Camera:
     """The source the config asks for; `auto` picks Pi camera, else webcam, else the folder."""
     source = cfg.source
     if source == "auto":
@@ -233,7 +243,7 @@ def make_camera(cfg, demo_folder: Optional[Path] = None) -> Camera:
         else:
             source = "folder"
     if source == "picamera2":
-        return Picamera2Camera(cfg.width, cfg.height, cfg.fps)
+        return Picamera2Camera(cfg.width, cfg.height, cfg.fps, model_size)
     if source == "webcam":
         return WebcamCamera(cfg.device, cfg.width, cfg.height, cfg.fps)
     if source == "folder":

@@ -1,0 +1,69 @@
+"""Camera sources: the folder camera (demos, tests), the ISP frame size, clear errors."""
+
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from edge.camera import CameraError, FolderCamera, Picamera2Camera, WebcamCamera, isp_size, make_camera
+from edge.image import list_images
+
+
+def test_folder_camera_loops_and_follows_the_folder(tmp_path, clothing):
+    hats = list_images(clothing / "test" / "hat")[:2]
+    for p in hats:
+        shutil.copy(p, tmp_path / p.name)
+    cam = FolderCamera(tmp_path, fps=200)
+    cam.open()
+    frames = [cam.read() for _ in range(4)]
+    assert all(f.dtype == np.uint8 and f.ndim == 3 and f.shape[2] == 3 for f in frames)
+    assert np.array_equal(frames[0], frames[2]) and not np.array_equal(frames[0], frames[1])
+    for p in tmp_path.iterdir():
+        p.unlink()
+    with pytest.raises(CameraError, match="no images"):
+        cam.read()
+
+
+def test_folder_of_folders_is_a_set_of_scenes(clothing):
+    cam = FolderCamera(clothing / "test", fps=200)
+    assert [s.name for s in cam.scenes()][:2] == ["dress", "hat"]
+    assert cam.current_folder().name == "dress"
+    assert cam.next_scene() == "hat"
+    assert cam.next_scene(-2) == "t-shirt"
+    assert cam.read().shape[2] == 3
+
+
+def test_broken_image_is_a_camera_error_not_a_crash(tmp_path):
+    (tmp_path / "x.jpg").write_bytes(b"not a jpeg")
+    cam = FolderCamera(tmp_path, fps=200)
+    with pytest.raises(CameraError, match="unreadable"):
+        cam.read()
+    with pytest.raises(CameraError, match="not found"):
+        FolderCamera(tmp_path / "missing").open()
+
+
+def test_isp_frame_covers_the_model_input_and_no_more():
+    assert isp_size(640, 480, 224) == (320, 224)
+    assert isp_size(1920, 1080, 160) == (288, 160)
+    assert isp_size(320, 240, 224) == (320, 224)
+    w, h = isp_size(1296, 972, 128)
+    assert min(w, h) >= 128 and w % 32 == 0 and h % 16 == 0
+
+
+def test_missing_hardware_libraries_are_clear_errors():
+    with pytest.raises(CameraError, match="python3-picamera2"):
+        Picamera2Camera(640, 480, 10).open()
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        with pytest.raises(CameraError, match="webcam"):
+            WebcamCamera(0, 640, 480, 10).open()
+
+
+def test_auto_falls_back_to_the_folder_off_a_pi(tmp_path):
+    cfg = SimpleNamespace(source="auto", folder=None, device=0, width=640, height=480, fps=10.0)
+    cam = make_camera(cfg, demo_folder=tmp_path)
+    assert isinstance(cam, FolderCamera) and cam.folder == tmp_path
+    with pytest.raises(CameraError, match="camera.folder"):
+        make_camera(SimpleNamespace(**{**cfg.__dict__, "source": "folder"}))
