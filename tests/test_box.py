@@ -231,3 +231,40 @@ def test_camera_fault_shows_on_status_led_and_recovers(rig, clothing):
     rig.show(list_images(clothing / "train" / "shoes")[:3])
     assert wait_for(lambda: rig.box.fault is None, 15)
     assert rig.pin("GPIO16").state == 1  # steady on again
+
+
+def test_storage_fault_keeps_the_box_running(rig, clothing, monkeypatch):
+    """A full or read-only card: the sample is not kept, the fault is shown, recognition goes on."""
+    import errno
+    import os as os_module
+
+    from edge import store as store_module
+    rig.teach("A", list_images(clothing / "train" / "shoes"), 4)
+    before = rig.counts()
+    real_write = os_module.write
+
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module.os, "write", full_disk)
+    rig.pin("GPIO22").drive_low()  # record B: every write fails
+    assert wait_for(lambda: rig.box.fault == "storage", 10)
+    rig.pin("GPIO22").drive_high()
+    assert any(e["event"] == "error" and e["source"] == "storage" for e in rig.events)
+    assert rig.counts() == before and rig.thread.is_alive()
+    monkeypatch.setattr(store_module.os, "write", real_write)
+    rig.teach("B", list_images(clothing / "train" / "hat"), 2)  # the card is back: learning resumes
+    assert rig.box.fault is None
+
+
+def test_garbage_frames_are_survived(rig, clothing):
+    class Garbage(FolderCamera):
+        def read(self):
+            self.pacer.wait()
+            return np.zeros((7, 3), np.float64)  # wrong shape and type
+
+    rig.box.camera = Garbage(rig.cam, fps=30)
+    assert wait_for(lambda: rig.box.fault == "camera", 5)
+    rig.box.camera = FolderCamera(rig.cam, fps=30)
+    rig.show(list_images(clothing / "train" / "shoes")[:2])
+    assert wait_for(lambda: rig.box.fault is None, 15) and rig.thread.is_alive()
