@@ -186,6 +186,10 @@ class Box:
         self.notifier.watchdog()
         frame = self._next_frame()
         if frame is None:
+            if self.recording is not None and self.recording.until is not None \
+                    and time.monotonic() >= self.recording.until:
+                self._end_recording()  # a timed recording ends even when no frame comes
+            self._check_links()
             return
         try:
             vec = self.engine.embed(frame)
@@ -194,6 +198,7 @@ class Box:
             return
         self.frames += 1
         self.process(vec)
+        self._check_links()
 
     def process(self, vec: np.ndarray) -> Optional[Decision]:
         """Use one frame's embedding: a training sample while recording, else a decision."""
@@ -400,8 +405,8 @@ class Box:
         if rec.until is not None and now >= rec.until:
             self._end_recording()
             return
-        if now < rec.next_at:
-            return
+        if now < rec.next_at and self.camera is not None and self.camera.name != "mqtt":
+            return  # pace a live camera; a pushed frame (MQTT) is paced by its sender
         view = gate_features(vec[np.newaxis], self.head.mean)[0]
         if rec.last is not None and 1.0 - float(view @ rec.last) < self.cfg.capture.min_change:
             return  # near-duplicate of the previous sample: nothing new to learn
@@ -578,6 +583,13 @@ class Box:
         if self.panel is not None:
             leds = {self._button_class(b): b for b in self.button_classes}
             self.panel.flash([leds[n] for n in names if n in leds])
+
+    def _check_links(self) -> None:
+        """Slow-blink the status LED while an output link (MQTT) is down and nothing worse is."""
+        if self.panel is None or self.fault is not None:
+            return
+        down = any(getattr(out, "connected", True) is False for out in self.outputs)
+        self.panel.set_status("mqtt" if down else "ok")
 
     def _set_fault(self, fault: Optional[str]) -> None:
         self.fault = fault

@@ -673,6 +673,9 @@ def _parse(data: Any, source: str, base: Path, secrets: bool = True) -> Config:
     store = _mapping("store", top.get("store"), STORE)
     store["path"] = _resolve(store.get("path", "var/store"), base)
 
+    mqtt = _mqtt(top.get("mqtt"), device_id, base, secrets)
+    if camera.source == "mqtt" and not mqtt.enabled:
+        raise _Invalid("camera.source", "'mqtt' needs mqtt.enabled: true (frames arrive over MQTT)")
     return Config(
         device_id=device_id,
         classes=classes,
@@ -684,7 +687,7 @@ def _parse(data: Any, source: str, base: Path, secrets: bool = True) -> Config:
         head=HeadConfig(**_mapping("head", top.get("head"), HEAD)),
         capture=CaptureConfig(**_mapping("capture", top.get("capture"), CAPTURE)),
         store=StoreConfig(**store),
-        mqtt=_mqtt(top.get("mqtt"), device_id, base, secrets),
+        mqtt=mqtt,
         source=source,
     )
 

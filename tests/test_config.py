@@ -611,3 +611,10 @@ def test_commands_that_do_not_connect_need_no_mqtt_secret(tmp_path, model_file):
     with pytest.raises(ConfigError, match="password_file"):
         load_config(path)
     assert load_config(path, secrets=False).mqtt.password is None
+
+
+def test_mqtt_camera_needs_mqtt(tmp_path, model_file):
+    path = tmp_path / "config.yaml"
+    path.write_text("camera:\n  source: mqtt\nmodel:\n  path: model.tflite\n")
+    with pytest.raises(ConfigError, match="camera.source: 'mqtt' needs mqtt.enabled"):
+        load_config(path)
