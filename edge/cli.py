@@ -64,7 +64,12 @@ def cmd_eval(args) -> int:
     from edge.evaluate import load_dataset, load_unknown, run_trials
     from edge.head import Head
     engine = _embedder(args)
-    mean = load_reference(engine.path, engine.dim)
+    if args.reference:
+        mean = np.load(args.reference, allow_pickle=False).astype(np.float32)
+        if mean.shape != (engine.dim,):
+            raise UserError(f"{args.reference}: not a reference mean for this model")
+    else:
+        mean = load_reference(engine.path, engine.dim)
     train, test = load_dataset(Path(args.dataset), engine.embed)
     unknown = load_unknown(Path(args.unknown), engine.embed) if args.unknown else None
     threshold = "auto" if args.threshold == "auto" else float(args.threshold)
@@ -229,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-classes", type=int, default=0, metavar="M",
                    help="never train M classes per trial: reports holdout_unknown_rate")
     p.add_argument("--threshold", default="auto", help="unknown gate: 'auto' or a number (default auto)")
+    p.add_argument("--reference", metavar="NPY", help="reference mean to use instead of the model's own")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)

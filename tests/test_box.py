@@ -159,7 +159,7 @@ def test_function_button_undo_and_clear(rig, clothing):
     fn.drive_high()  # a short tap: undo the last burst (B's)
     assert wait_for(lambda: "B" not in rig.counts()), rig.counts()
     assert rig.counts()["A"] == a_count and b_count > 0
-    assert any(e["event"] == "burst_undone" for e in rig.events)
+    assert wait_for(lambda: any(e["event"] == "burst_undone" for e in rig.events), 5)
 
     fn.drive_low()  # hold function + press A: clear A
     time.sleep(0.1)
@@ -177,7 +177,7 @@ def test_hold_function_clears_everything(rig, clothing, monkeypatch):
     rig.pin("GPIO26").drive_low()
     assert wait_for(lambda: rig.counts() == {}, 5), rig.counts()
     rig.pin("GPIO26").drive_high()
-    assert any(e["event"] == "all_cleared" for e in rig.events)
+    assert wait_for(lambda: any(e["event"] == "all_cleared" for e in rig.events), 5)
 
 
 def test_commands_answer_and_bad_ones_change_nothing(rig, clothing):
