@@ -20,7 +20,7 @@ import numpy as np
 
 from edge import __version__
 from edge.camera import Camera, CameraError
-from edge.engine import Embedder, load_reference
+from edge.engine import Embedder, ModelError, load_reference
 from edge.head import Head, gate_features
 from edge.image import ImageError
 from edge.panel import Panel, Press
@@ -638,8 +638,11 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
         use_mock_pins()
 
     with contextlib.ExitStack() as stack:
-        engine = Embedder(cfg.model.model_path, threads=cfg.model.threads, kernels=cfg.model.kernels,
-                          mirror=cfg.camera.mirror)
+        try:
+            engine = Embedder(cfg.model.model_path, threads=cfg.model.threads, kernels=cfg.model.kernels,
+                              mirror=cfg.camera.mirror)
+        except ModelError as exc:
+            return _show_fault_until_stopped(cfg, "model", exc)
         store = Store(cfg.store.path, engine.model_id, engine.dim, max_per_class=cfg.capture.max_per_class)
         store.open()
         stack.callback(store.close)
@@ -682,6 +685,30 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
         box.run()
         log.info("stopped cleanly")
     return 0
+
+
+def _show_fault_until_stopped(cfg, code: str, exc: Exception) -> int:
+    """A box without a screen shows a fatal fault on its status LED instead of just exiting
+    (systemd would only restart it into the same fault). Exits 1 when stopped."""
+    import signal
+
+    log.error("%s", exc)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    panel = Panel(cfg.classes, cfg.function_button, cfg.status_led, send=lambda _item: None)
+    notifier = Notifier()
+    try:
+        panel.set_status(code)
+        notifier.ready(f"{code} fault: {exc}")
+        while not stop.wait(1.0):
+            notifier.watchdog()
+    finally:
+        notifier.stopping()
+        notifier.close()
+        panel.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return 1
 
 
 def _demo_folder():

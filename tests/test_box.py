@@ -268,3 +268,26 @@ def test_garbage_frames_are_survived(rig, clothing):
     rig.box.camera = FolderCamera(rig.cam, fps=30)
     rig.show(list_images(clothing / "train" / "shoes")[:2])
     assert wait_for(lambda: rig.box.fault is None, 15) and rig.thread.is_alive()
+
+
+def test_model_fault_keeps_the_daemon_up_showing_the_fault(tmp_path):
+    """A broken model file: one clear log line, the status LED blinks the model code (the daemon
+    stays up instead of being restarted into the same fault), SIGTERM ends it."""
+    import signal
+    import subprocess
+    import sys
+    model = tmp_path / "model.tflite"
+    model.write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 64)  # looks like a model, is not one
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model:\n  path: {model}\nstore:\n  path: {tmp_path / 'store'}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config), "--no-keys"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    assert "model.tflite: not a usable TFLite model" in err and "Traceback" not in err
