@@ -36,6 +36,9 @@ class Terminal:
         fd = sys.stdin.fileno()
         self._saved = termios.tcgetattr(fd)
         tty.setcbreak(fd)
+        for handler in logging.getLogger().handlers:  # log lines overwrite the LED line, not append to it
+            if getattr(handler, "stream", None) is sys.stderr and handler.formatter is not None:
+                handler.setFormatter(logging.Formatter("\r\x1b[K" + handler.formatter._fmt))
         print(self.help(), file=sys.stderr)
         self._thread.start()
 
