@@ -664,8 +664,6 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
         stack.callback(box.panel.close)
         log.info("edge %s: model %s (%s), camera %s, classes %s, store %s", __version__,
                  engine.path.name, engine.info.backend, camera.name, ", ".join(box.classes), cfg.store.path)
-        for line in store.events:
-            log.warning("store: %s", line)
         if link is not None:
             link.start()
             stack.callback(link.close)

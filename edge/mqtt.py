@@ -98,7 +98,12 @@ class MqttCamera(Camera):
 # --- command parsing ------------------------------------------------------------------------------
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:   # an int too large for a float: JSON allows any number of digits
+        return False
 
 
 def _name(value: Any, key: str) -> str:
@@ -236,7 +241,9 @@ class MqttLink(Outputs):
     the broker is away the newest `max_queue` wait in a deque here, older ones are dropped and
     counted in `dropped`. Nothing is handed to paho while disconnected, so paho's own unbounded
     offline queue never grows (it is capped at `max_queue` too, for the moment between a lost
-    connection and paho noticing it).
+    connection and paho noticing it). A message paho refuses while connected (its capped queue is
+    full during a burst of command answers) waits in the same deque and goes out, in order, as
+    soon as paho's queue drains (`on_publish`) or before the next message.
 
     `client_factory(client_id)` makes the paho client (tests may wrap or replace it).
     """
@@ -257,7 +264,7 @@ class MqttLink(Outputs):
         self._factory = client_factory or default_client_factory
         self._client: Any = None
         self._lock = threading.Lock()
-        self._pending: Deque[Tuple[str, bytes, int]] = deque()
+        self._pending: Deque[Tuple[str, bytes, int, bool]] = deque()
         self._retained: Dict[str, Tuple[bytes, int]] = {}
         self._state: Optional[dict] = None
         self._label: Optional[str] = None
@@ -299,6 +306,7 @@ class MqttLink(Outputs):
             client.on_disconnect = self._on_disconnect
             client.on_message = self._on_message
             client.on_subscribe = self._on_subscribe
+            client.on_publish = self._on_publish
             client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
         except Exception as exc:  # bad TLS files, say: the box works on without MQTT
             log.error("MQTT is off: cannot set up the connection to %s:%s: %s",
@@ -375,18 +383,31 @@ class MqttLink(Outputs):
                 return
             if retain:
                 self._retained[topic] = (data, qos)
-            if self.connected and self._send(topic, data, qos, retain):
+            # Messages that paho refused while connected (its queue was full: a burst of command
+            # answers) wait in _pending and go out first, in order, as paho's queue drains.
+            if self.connected and self._flush() and self._send(topic, data, qos, retain):
                 return
-            if not retain:    # retained topics go out again on connect anyway
-                self._enqueue(topic, data, qos)
+            if retain and not self.connected:    # retained topics go out again on connect anyway
+                return
+            self._enqueue(topic, data, qos, retain)
 
     def _send(self, topic: str, data: bytes, qos: int, retain: bool) -> bool:
         """Hand one message to paho (lock held). False when paho refuses it (not connected)."""
         info = self._client.publish(topic, data, qos=qos, retain=retain)
         return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
-    def _enqueue(self, topic: str, data: bytes, qos: int) -> None:
-        self._pending.append((topic, data, qos))
+    def _flush(self) -> bool:
+        """Hand waiting messages to paho, oldest first (lock held, connected); False when paho
+        still refuses some (they keep waiting)."""
+        while self._pending:
+            topic, data, qos, retain = self._pending[0]
+            if not self._send(topic, data, qos, retain):
+                return False
+            self._pending.popleft()
+        return True
+
+    def _enqueue(self, topic: str, data: bytes, qos: int, retain: bool = False) -> None:
+        self._pending.append((topic, data, qos, retain))
         while len(self._pending) > self.cfg.max_queue:
             self._pending.popleft()
             self.dropped += 1
@@ -420,10 +441,10 @@ class MqttLink(Outputs):
                     self._retained[self.topic("state")] = (self._state_payload(), 0)
                 for topic, (data, qos) in self._retained.items():
                     self._send(topic, data, qos, True)
+                # Retained values waiting here are superseded by the ones just sent.
+                self._pending = deque(p for p in self._pending if not p[3])
                 flushed, dropped = len(self._pending), self.dropped
-                while self._pending:
-                    topic, data, qos = self._pending.popleft()
-                    self._send(topic, data, qos, False)
+                self._flush()
                 self._dropping = False
             self._warned = None
             log.info("MQTT: connected to %s:%s (%d queued messages sent, %d dropped so far)",
@@ -439,6 +460,19 @@ class MqttLink(Outputs):
             was, self.connected = self.connected, False
         if was and not self._closed:
             log.warning("MQTT: lost the broker (%s); reconnecting", reason_code)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        """paho's queue has room again: send what waits. Never blocks on our lock (the loop thread
+        may hold it while it waits for paho's): whoever holds it flushes before it publishes."""
+        if not self._pending or not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self.connected and not self._closed:
+                self._flush()
+        except Exception:
+            log.exception("MQTT: sending queued messages failed")
+        finally:
+            self._lock.release()
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         for rc in reason_codes:
