@@ -575,14 +575,18 @@ class Box:
         if self.panel is None:
             return
         label = None if self.label == UNKNOWN_LABEL or self.recording else self.label
-        leds = {self._button_class(b): b for b in self.button_classes}
+        leds = self._led_names()
         self.panel.show(leds.get(label), confidence,
                         recording=leds.get(self.recording.name) if self.recording else None)
 
     def _flash(self, names) -> None:
         if self.panel is not None:
-            leds = {self._button_class(b): b for b in self.button_classes}
+            leds = self._led_names()
             self.panel.flash([leds[n] for n in names if n in leds])
+
+    def _led_names(self) -> Dict[str, str]:
+        """Current class name -> the config name its button and LED are wired under."""
+        return {self._button_class(b): b for b in self.button_classes}
 
     def _check_links(self) -> None:
         """Slow-blink the status LED while an output link (MQTT) is down and nothing worse is."""
