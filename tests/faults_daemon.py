@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from mqtt_broker import wait_until  # noqa: F401  (re-exported for the reliability tests)
+
 REPO = Path(__file__).resolve().parent.parent
 FULL = os.environ.get("EDGE_RELIABILITY_FULL", "").lower() in ("1", "true", "yes")
 
@@ -151,12 +153,3 @@ class EdgeDaemon:
         return int(self.proc_status()["Threads"])
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

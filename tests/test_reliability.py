@@ -42,6 +42,7 @@ from edge.image import list_images
 from edge.mqtt import COMMAND_MAX_BYTES, CommandInvalid, _loose_id, parse_command
 from edge.store import Knowledge, Store
 from faults_daemon import REPO, EdgeDaemon, count, daemon_config, wait_until
+from test_box import wait_for
 from mqtt_broker import MOSQUITTO, MOSQUITTO_PASSWD, Broker, Watcher, free_port, mosquitto_available
 
 PREFIX = "edge/rel"
@@ -1048,13 +1049,6 @@ def wait_for_frames(rig, n, timeout=30):
     return wait_for(lambda: rig.box.frames >= start + n, timeout)
 
 
-def wait_for(predicate, timeout=30.0, step=0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 def test_bouncing_and_simultaneous_buttons(tmp_path, engine, clothing):
