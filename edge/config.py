@@ -21,13 +21,14 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import yaml
 
 from edge.engine import KERNELS, MODELS_DIR, VARIANTS
+from edge import rules
 from edge.head import HEADS
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.yaml"
 
 CAMERA_SOURCES = ("auto", "picamera2", "webcam", "folder", "mqtt")
-MAX_CLASSES = 8
-MAX_NAME = 32
+MAX_CLASSES = rules.MAX_CLASSES
+MAX_NAME = rules.MAX_NAME
 MAX_FILE_BYTES = 1 << 20  # a config file is a few kB; anything bigger is the wrong file
 MAX_SECRET_BYTES = 4096
 
@@ -508,11 +509,9 @@ def _variant(path: str, value: Any) -> str:
 
 
 def _threshold(path: str, value: Any) -> Union[str, float]:
-    if isinstance(value, str) and value == "auto":
-        return value
     try:
-        return _number(-1.0, 1.0)(path, value)
-    except _Invalid:
+        return rules.threshold(value)
+    except rules.RuleError:
         raise _expected(path, "'auto' or a number between -1 and 1", value) from None
 
 
@@ -724,14 +723,10 @@ def _classes(value: Any) -> Tuple[ClassConfig, ...]:
 
 
 def _class_name(path: str, name: str) -> None:
-    if len(name) > MAX_NAME:
-        raise _Invalid(path, f"class names are at most {MAX_NAME} characters, got {_show(name)}")
-    if not all(c.isalnum() or c in " _-" for c in name):
-        raise _Invalid(path, f"class names may use letters, digits, space, _ and -, got {_show(name)}")
-    if name != name.strip():
-        raise _Invalid(path, f"class names must not start or end with a space, got {_show(name)}")
-    if name.casefold() == "unknown":
-        raise _Invalid(path, "'unknown' is reserved for 'none of the classes'; pick another name")
+    try:
+        rules.class_name(name)
+    except rules.RuleError as exc:
+        raise _Invalid(path, str(exc)) from None
 
 
 def _check_pins(classes, function_button: Optional[str], status_led: Optional[str]) -> None:

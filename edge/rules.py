@@ -1,0 +1,129 @@
+"""What is valid, defined once: class names, class count, the unknown threshold, record bounds.
+
+Config, MQTT, the web page, import and the store's own load all check with these functions, so a
+name the config refuses can never arrive over MQTT or in an import file, and the other way round.
+Each check returns the normalized value or raises RuleError with one line meant for the user.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from typing import Any, Iterable, Optional, Union
+
+MAX_CLASSES = 8
+"""Classes a box knows at most (buttons plus classes taught over MQTT or the web page)."""
+MAX_NAME = 32
+"""Characters in a class name at most."""
+RESERVED = ("unknown",)
+"""Names that mean 'none of the classes' and so cannot name a class."""
+NAME_PUNCTUATION = " _-"
+MAX_RECORD_SECONDS = 60.0
+"""Longest timed recording a command may ask for."""
+MAX_RECORD_COUNT = 500
+"""Most samples one counted recording may ask for."""
+THRESHOLD_AUTO = "auto"
+
+
+class RuleError(ValueError):
+    """A value that breaks one of the box's rules; the message is one line for the user."""
+
+
+def show(value: Any, limit: int = 40) -> str:
+    """A value as a short, printable, escaped text for error messages (never raw control chars)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def class_name(value: Any) -> str:
+    """A class name: 1..MAX_NAME letters, digits, space, _ or -, no outer spaces, not reserved.
+
+    Letters and digits are Unicode ones (a class may be called "Äpfel" or "猫"), but nothing that
+    changes how text is shown (bidi overrides, escapes, control or format characters) and no
+    MQTT wildcard or path separator can get in.
+    """
+    if not isinstance(value, str):
+        raise RuleError(f"a class name must be a text, got {show(value)}")
+    if not value:
+        raise RuleError("a class name must not be empty")
+    if len(value) > MAX_NAME:
+        raise RuleError(f"class names are at most {MAX_NAME} characters, got {show(value)}")
+    for char in value:
+        if not (char in NAME_PUNCTUATION or (char.isalnum() and unicodedata.category(char)[0] in "LN")):
+            raise RuleError(f"class names may use letters, digits, space, _ and -, got {show(value)}")
+    if value != value.strip():
+        raise RuleError(f"class names must not start or end with a space, got {show(value)}")
+    if value.casefold() in RESERVED:
+        raise RuleError(f"{value.casefold()!r} is reserved for 'none of the classes'; pick another name")
+    return value
+
+
+def new_class_name(value: Any, existing: Iterable[str], replacing: Optional[str] = None) -> str:
+    """A class name that is valid and not yet used (ignoring case) by another of `existing`."""
+    name = class_name(value.strip() if isinstance(value, str) else value)
+    for other in existing:
+        if other != replacing and other.casefold() == name.casefold():
+            raise RuleError(f"a class named {other!r} exists already (names are compared ignoring case)")
+    return name
+
+
+def class_names(values: Any) -> list:
+    """A whole list of class names: each valid, none twice (ignoring case), at most MAX_CLASSES."""
+    if not isinstance(values, (list, tuple)):
+        raise RuleError(f"expected a list of class names, got {show(values)}")
+    if len(values) > MAX_CLASSES:
+        raise RuleError(f"at most {MAX_CLASSES} classes, got {len(values)}")
+    names: list = []
+    for value in values:
+        names.append(new_class_name(value, names))
+    return names
+
+
+def find_class(value: Any, known: Iterable[str]) -> str:
+    """The known class a user means by `value` (case-insensitive), or RuleError naming the known ones."""
+    known = list(known)
+    if not isinstance(value, str) or not value.strip():
+        raise RuleError("a class name is required")
+    wanted = value.strip().casefold()
+    for name in known:
+        if name.casefold() == wanted:
+            return name
+    listing = ", ".join(known) if known else "none yet"
+    raise RuleError(f"unknown class {show(value.strip())} (classes: {listing})")
+
+
+def is_number(value: Any) -> bool:
+    """A finite JSON/YAML number that is not a bool."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:   # an int too large for a float: JSON allows any number of digits
+        return False
+
+
+def threshold(value: Any) -> Union[str, float]:
+    """The unknown threshold: "auto" or a cosine score from -1 to 1 (a numeric text is accepted)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == THRESHOLD_AUTO:
+            return THRESHOLD_AUTO
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+    if not is_number(value) or not -1.0 <= value <= 1.0:
+        raise RuleError(f"threshold must be 'auto' or a number from -1 to 1, got {show(value)}")
+    return float(value)
+
+
+def record_seconds(value: Any) -> float:
+    if not is_number(value) or not 0 < value <= MAX_RECORD_SECONDS:
+        raise RuleError(f"'seconds' must be a number above 0 and at most {MAX_RECORD_SECONDS:g}")
+    return float(value)
+
+
+def record_count(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_RECORD_COUNT:
+        raise RuleError(f"'count' must be a whole number from 1 to {MAX_RECORD_COUNT}")
+    return value
