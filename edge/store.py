@@ -702,6 +702,8 @@ class Store:
     def _take_lock(self) -> None:
         path = self.folder / LOCK
         try:
+            if self.read_only:
+                raise OSError(errno.EROFS, "read-only")
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
             if not _read_only_error(e):

@@ -580,8 +580,8 @@ def read_only_mount(tmp_path):
         return target
 
     yield mount
-    for target in mounts:
-        subprocess.run(["umount", str(target)], check=False)
+    for target in mounts:   # lazy: a store left open on it must not keep the mount forever
+        subprocess.run(["umount", "-l", str(target)], check=False)
 
 
 def test_a_read_only_store_serves_reads_and_refuses_writes(tmp_path, read_only_mount):
@@ -620,6 +620,7 @@ os._exit(0)   # no close: the change is in the WAL only
     ro = Store(read_only_mount(folder), MODEL, D)
     ro.open()
     assert ro.read_only and [(c.name, c.count) for c in ro.classes()] == [("cup", 2)]
+    ro.close()
 
 
 def test_an_old_format_store_on_a_read_only_disk_is_read(tmp_path, read_only_mount):
@@ -629,6 +630,7 @@ def test_an_old_format_store_on_a_read_only_disk_is_read(tmp_path, read_only_mou
     ro.open()
     assert ro.read_only and {n: v[:, 0].tolist() for n, v in ro.all_vectors().items() if len(v)} == expected
     assert any("old-format store read into memory" in f for f in ro.faults)
+    ro.close()
 
 
 # --- export and import ----------------------------------------------------------------------------
@@ -838,14 +840,45 @@ def test_a_zip_bomb_is_refused_before_inflating(tmp_path):
             for _ in range(511):
                 member.write(zero)
     assert path.stat().st_size < 600_000
-    import resource
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = time.perf_counter()
     with pytest.raises(StoreError, match="too large"):
         s.read_export(path)
-    assert time.perf_counter() - t < 5 or True   # timing is a benchmark; the refusal is the test
-    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
-    assert grown < 64 * 1024, f"reading the bomb grew the peak RSS by {grown} kB"
+    code = f"""
+import resource
+from edge.store import Store, StoreError
+s = Store({str(tmp_path / 'child')!r}, {MODEL!r}, 1280)
+s.open()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    s.read_export({str(path)!r})
+except StoreError as e:
+    print(str(e))
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    message, sizes = r.stdout.splitlines()
+    before, peak = map(int, sizes.split())
+    assert "too large" in message and peak - before < 16 * 1024, (message, before, peak)   # kB
+
+
+def test_a_member_that_lies_about_its_size_is_cut_at_the_limit(tmp_path):
+    """A deflated member whose headers claim a small size: reading stops at the declared size."""
+    s = opened(tmp_path / "s")
+    meta = {"format": "edge-knowledge", "version": 2, "model_id": MODEL, "dim": D, "settings": {},
+            "classes": [{"name": "cup", "button": None, "nothing": False, "count": 1, "ts": [0], "source": ["web"]}]}
+    path = tmp_path / "liar.edge"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("meta.json", json.dumps(meta))
+        buf = __import__("io").BytesIO()
+        np.save(buf, np.zeros((1, D), np.float32))
+        zf.writestr("vectors.npy", buf.getvalue() + bytes(50 << 20))   # 50 MiB of zeros after the array
+    data = bytearray(path.read_bytes())
+    real = (50 << 20) + len(buf.getvalue())
+    fake = len(buf.getvalue()).to_bytes(4, "little")
+    data = data.replace(real.to_bytes(4, "little"), fake)                  # local and central header
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="cannot import"):
+        s.read_export(path)
 
 
 def test_import_limits_follow_classes_cap_and_dim(tmp_path):
@@ -947,53 +980,16 @@ def test_a_crash_during_migration_is_redone(tmp_path):
 
 # --- power cuts: SIGKILL at random moments ---------------------------------------------------------
 
-KILL_CHILD = Path(__file__).resolve().parent / "store_kill_child.py"
-
-
-def kill_trials(folder: Path, trials: int, seed: int, dim: int = 64) -> dict:
-    """Start a child doing commands on one store and SIGKILL it at a random moment, `trials` times.
-
-    The child prints the digest of the state it committed last, and before each commit the digest
-    it is about to commit. After each kill the store is opened again: its digest must be one of
-    the two (the state before or after the last command), never a mix. A kill can also land while
-    the child starts or opens the store; then the state must be the one the last check saw.
-    """
-    from store_kill_child import digest_of
-    rng = random.Random(seed)
-    results = {"trials": 0, "mixed": [], "during_command": 0, "before_open": 0, "commands": 0, "faults": []}
-    known = None
-    for trial in range(trials):
-        proc = subprocess.Popen([sys.executable, str(KILL_CHILD), str(folder), str(dim), str(rng.randrange(1 << 30))],
-                                stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        time.sleep(rng.uniform(0.05, 0.6))
-        proc.kill()
-        out = proc.communicate()[0]
-        committed, pending = known, None
-        for line in out.split("\n")[:-1]:     # a line the kill cut off is not a promise yet
-            kind, digest = line.split()
-            if kind == "pending":
-                pending = digest
-            else:
-                committed, pending = digest, None
-                results["commands"] += kind == "committed"
-        s = Store(folder, MODEL, dim, max_per_class=20)
-        s.open()
-        got = digest_of(s)
-        results["faults"] += s.faults
-        s.close()
-        if known is not None and got not in (committed, pending):
-            results["mixed"].append((trial, out.splitlines()[-3:], got))
-        results["during_command"] += pending is not None
-        results["before_open"] += not out
-        results["trials"] += 1
-        known = got
-    return results
-
 
 def test_kill_9_at_random_moments_leaves_the_state_before_or_after_a_command(tmp_path):
-    trials = int(os.environ.get("EDGE_KILL_TRIALS", "20"))
+    """Issue 9, fault 3: a power cut inside a rename or a class add/remove left a mix. A child runs
+    random commands (record, rename, add/remove class, undo, clear, settings, export, import) and
+    is SIGKILLed at a random moment; the reopened store must hold the state before or after the
+    command it was in, exactly. benchmarks/store_bench.py kill runs 200+ trials."""
+    import store_kill
+    trials = int(os.environ.get("EDGE_KILL_TRIALS", "200" if os.environ.get("EDGE_RELIABILITY_FULL") else "20"))
     seed = int(os.environ.get("EDGE_KILL_SEED", str(random.randrange(1 << 30))))
-    results = kill_trials(tmp_path / "s", trials, seed)
-    assert results["trials"] == trials
+    results = store_kill.trials(tmp_path / "s", trials, seed)
+    assert results["trials"] == trials and results["commands"] > trials
     assert results["mixed"] == [], f"seed {seed}: {results['mixed']}"
     assert results["faults"] == [], f"seed {seed}"

@@ -1,12 +1,15 @@
-"""A child for the power-cut trials: open a store, then run random commands until killed.
+"""Power-cut trials for the store: a child runs random commands and is SIGKILLed at random moments.
 
-It prints `open <digest>` after opening, `pending <digest>` inside each command just before its
-commit (the state the command is about to make durable), and `committed <digest>` after it.
-Run by tests/test_store.py and benchmarks/store_kill.py: python store_kill_child.py FOLDER DIM SEED
+The child (`python store_kill.py FOLDER DIM SEED`) prints `open <digest>` after opening the store,
+`pending <digest>` inside each command just before its commit (the state the command is about to
+make durable), and `committed <digest>` after it. `trials()` is the parent, used by
+tests/test_store.py (a short run) and benchmarks/store_bench.py kill (200+).
 """
 
 import hashlib
+import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,6 +68,45 @@ def one_command(s: Store, rng: random.Random, dim: int, export: Path) -> None:
     else:
         if export.exists():
             s.replace_with(s.read_export(export))
+
+
+def trials(folder: Path, count: int, seed: int, dim: int = 64) -> dict:
+    """Start a child on one store and SIGKILL it after a random 0.05-0.6 s, `count` times.
+
+    After each kill the store is opened again: its digest must be the last committed one, or the
+    pending one if the kill came inside a command (before or after, never a mix). A kill while the
+    child starts or opens leaves the state the previous check saw.
+    """
+    rng = random.Random(seed)
+    repo = Path(__file__).resolve().parent.parent
+    results = {"trials": 0, "mixed": [], "during_command": 0, "before_open": 0, "commands": 0, "faults": []}
+    known = None
+    for trial in range(count):
+        proc = subprocess.Popen([sys.executable, __file__, str(folder), str(dim), str(rng.randrange(1 << 30))],
+                                stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(repo)})
+        time.sleep(rng.uniform(0.05, 0.6))
+        proc.kill()
+        out = proc.communicate()[0]
+        committed, pending = known, None
+        for line in out.split("\n")[:-1]:     # a line the kill cut off is not a promise yet
+            kind, digest = line.split()
+            if kind == "pending":
+                pending = digest
+            else:
+                committed, pending = digest, None
+                results["commands"] += kind == "committed"
+        s = Store(folder, MODEL, dim, max_per_class=20)
+        s.open()
+        got = digest_of(s)
+        results["faults"] += s.faults
+        s.close()
+        if known is not None and got not in (committed, pending):
+            results["mixed"].append((trial, out.splitlines()[-3:], got))
+        results["during_command"] += pending is not None
+        results["before_open"] += not out
+        results["trials"] += 1
+        known = got
+    return results
 
 
 def main() -> None:
