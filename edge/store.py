@@ -231,11 +231,10 @@ class Store:
                 else:
                     try:
                         self._open_writable()
-                    except (OSError, sqlite3.OperationalError) as e:
-                        if not _read_only_error(e):
-                            raise
+                    except (OSError, sqlite3.Error) as e:
+                        # a read-only or full disk, an I/O error: what is stored can still be used
                         self._close_db()
-                        self._set_read_only(_why(e))
+                        self._set_read_only(f"cannot write to {self.folder}: {_why(e)}")
                         self._open_read_only()
             except StoreError:
                 self._release()
@@ -599,7 +598,8 @@ class Store:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write operation: inside a command, and all or nothing itself (a savepoint)."""
         with self._mutex:
-            if self._db is not None and self.read_only:
+            self._conn()
+            if self.read_only:
                 raise StoreError(f"store is read-only: {self._read_only_why}")
             if not self._depth:
                 raise StoreError("store changes must be made inside store.command()")
@@ -1004,6 +1004,9 @@ class Store:
         rows, settings, notes = legacy_store.class_rows(old.classes, old.settings, self.dim, self.legacy_buttons)
         for note in old.notes + notes:
             self._fault(f"migrating the old store: {note}")
+        # The old format kept no times: the old files' last change is the best guess.
+        mtimes = [(self.folder / n).stat().st_mtime for n in legacy_store.FILES if (self.folder / n).exists()]
+        ts = max(mtimes, default=0.0)
         db = self._conn()
         for position, (name, button, vectors) in enumerate(rows):
             cid = db.execute("INSERT INTO classes(position, name, button, `nothing`) VALUES (?, ?, ?, 0)",
@@ -1013,7 +1016,7 @@ class Store:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'last_burst'", (str(burst),))
                 keep = np.ascontiguousarray(vectors[-self.max_per_class:], dtype="<f4")
                 db.executemany("INSERT INTO samples(class, ts, source, burst, embedding) VALUES (?, ?, 'button', ?, ?)",
-                               [(cid, 0.0, burst, v.tobytes()) for v in keep])
+                               [(cid, ts, burst, v.tobytes()) for v in keep])
         for key, value in settings.items():
             db.execute("INSERT INTO settings(key, value) VALUES (?, ?)", (key, json.dumps(value)))
         self._forget()

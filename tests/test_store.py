@@ -434,6 +434,38 @@ print(before == [c.count for c in s.classes()], "\\n" not in message)
     assert [c.count for c in s.classes()] == [3, 2, 0]
 
 
+def test_a_reader_thread_never_sees_half_a_command(tmp_path):
+    """Each command moves a sample from one class to the other; a reader in another thread must
+    always count the same total (it waits for a command to end, never sees its middle)."""
+    import threading
+    s = opened(tmp_path / "s", max_per_class=1000)
+    with s.command():
+        s.add_class("a")
+        s.add_class("b")
+        s.add_samples("a", rows(0, 50), "button", s.new_burst())
+    seen, stop = [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            v = s.all_vectors()
+            seen.append((sum(c.count for c in s.classes()), len(v["a"]) + len(v["b"])))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(200):
+            src, dst = ("a", "b") if i % 2 == 0 else ("b", "a")
+            with s.command():
+                victim = s.samples(src, limit=1)[0]
+                s.delete_sample(victim.id)
+                time.sleep(0.0005)                      # give the reader a chance to look inside
+                s.add_samples(dst, rows(i, 1), "button", s.new_burst())
+    finally:
+        stop.set()
+        reader.join()
+    assert len(seen) > 10 and set(seen) == {(50, 50)}
+
+
 # --- one process at a time -----------------------------------------------------------------------
 
 
@@ -915,6 +947,7 @@ def test_an_old_store_is_migrated_with_nothing_lost(tmp_path, compact):
     folder = tmp_path / "s"
     expected = _old_store(folder, compact=compact)
     old_files = {n: (folder / n).read_bytes() for n in ("knowledge.npz", "journal.bin")}
+    st_mtime = max((folder / n).stat().st_mtime for n in old_files)   # old samples had no time
     s = opened(folder, legacy_buttons=("cup", "pen", "hat"))
     assert s.faults == []
     assert [(c.name, c.button, c.count) for c in s.classes()] == [
@@ -922,6 +955,7 @@ def test_an_old_store_is_migrated_with_nothing_lost(tmp_path, compact):
     assert {n: v[:, 0].tolist() for n, v in s.all_vectors().items() if len(v)} == expected
     assert s.settings() == {"threshold": 0.55}
     assert {x.source for c in s.classes() for x in s.samples(c.name)} == {"button"}
+    assert {x.ts for c in s.classes() for x in s.samples(c.name)} == {st_mtime}
     bursts = {c.name: {x.burst for x in s.samples(c.name)} for c in s.classes() if c.count}
     assert all(len(b) == 1 for b in bursts.values()) and len(set.union(*bursts.values())) == 3
     assert not any((folder / n).exists() for n in ("knowledge.npz", "journal.bin", "knowledge.bak.npz"))
@@ -951,6 +985,33 @@ def test_an_old_store_with_names_the_rules_refuse_keeps_its_samples(tmp_path):
     assert [(c.name, c.count) for c in s.classes()] == [("x_______y", 2), ("class 2", 1)]
     assert s.settings() == {} and all("migrating" in f for f in s.faults)
     assert len(s.faults) == 5, s.faults    # threshold; 2 names; the 2 buttons guessed from those names
+
+
+def test_a_full_disk_at_the_first_start_reads_the_old_store_into_memory(tmp_path):
+    """The migration cannot be written (RLIMIT_FSIZE in a child): the box still starts, read-only,
+    with what the old store knew; the old files stay where they are for the next start."""
+    folder = tmp_path / "s"
+    expected = _old_store(folder)
+    before = files(folder)
+    code = f"""
+import json, resource, signal
+from edge.store import Store
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+s = Store({str(folder)!r}, {MODEL!r}, {D})
+s.open()
+print(json.dumps({{"ro": s.read_only, "faults": s.faults,
+                   "vectors": {{n: v[:, 0].tolist() for n, v in s.all_vectors().items() if len(v)}}}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ro"] and out["vectors"] == expected and any("read-only" in f for f in out["faults"]), out
+    assert {k: v for k, v in files(folder).items() if not k.startswith(".tmp-")} == before
+    s = opened(folder)                                   # room again: migrated now
+    assert not s.read_only and s.faults == []
+    assert {n: v[:, 0].tolist() for n, v in s.all_vectors().items() if len(v)} == expected
 
 
 def test_an_old_store_of_another_model_is_kept_aside(tmp_path):
