@@ -381,9 +381,9 @@ def _samples(body):
 
 
 def _delete_sample(body):
-    body = _object(body, "sample/delete", '{"id": 123}')
-    _only(body, ("id",))
-    return DeleteSample(_int(body.get("id"), "id"))
+    body = _object(body, "sample/delete", '{"sample": 123}')
+    _only(body, ("sample",))
+    return DeleteSample(_int(body.get("sample"), "sample"))
 
 
 def _delete_burst(body):

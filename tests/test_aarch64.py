@@ -99,7 +99,7 @@ def test_runs_on_raspberry_pi_os(pi_report, name):
     assert c["min_cosine"] >= pi_check.MIN_COSINE
     assert c["accuracy"]["centroid"] >= 0.5          # 4 classes, 3 shots each: chance is 0.25
 
-    assert t["store"]["reopened_equal"] and t["store"]["journal_replay_equal"]
+    assert t["store"]["reopened_equal"] and t["store"]["wal_replay_equal"]
     assert t["gpio"]["lit"] and t["gpio"]["pressed"]
 
 

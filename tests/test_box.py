@@ -192,7 +192,7 @@ def test_commands_answer_and_bad_ones_change_nothing(rig, clothing):
     assert replies[0] == {"action": "record", "ok": True, "id": "r1"}
     before = rig.counts()
     for action, body in [("record", {"class": "Z"}), ("rename", {"from": "A", "to": "b"}),
-                         ("classes", {"remove": "A"}), ("sample/delete", {"id": 99999}),
+                         ("classes", {"remove": "A"}), ("sample/delete", {"sample": 99999}),
                          ("burst/delete", {"burst": 99999}), ("record/stop", {})]:
         rig.send(action, body, replies.append)
     assert wait_for(lambda: len(replies) == 7)
@@ -228,7 +228,7 @@ def test_gallery_commands_list_delete_and_survive_restart(rig, clothing):
     assert wait_for(lambda: len(replies) == 2)
     import base64
     assert base64.b64decode(replies[1]["thumbnails"][str(listed[0]["id"])])[:3] == b"\xff\xd8\xff"
-    rig.send("sample/delete", {"id": listed[0]["id"]}, replies.append)
+    rig.send("sample/delete", {"sample": listed[0]["id"]}, replies.append)
     assert wait_for(lambda: len(replies) == 3) and replies[2]["ok"], replies
     left = rig.counts()["A"]
     assert left == len(listed) - 1

@@ -281,7 +281,7 @@ def test_pins_are_kept_as_written_in_gpiozero_spelling(tmp_path):
     ({"head": {"kindd": "knn"}},
      "config.yaml: head: unknown key 'kindd' (known: kind, k, threshold, smoothing, hysteresis)"),
     ({"cammera": {}}, "config.yaml: unknown key 'cammera' (known: device_id, classes,"),
-    ({"classes": [{"name": "A", "colour": "red"}]}, "classes[0]: unknown key 'colour' (known: name, button, led)"),
+    ({"classes": [{"name": "A", "colour": "red"}]}, "classes[0]: unknown key 'colour' (known: name, button, led, nothing)"),
     ({"mqtt": {"tls": {"ca_file": "x"}}}, "mqtt.tls: unknown key 'ca_file' (known: ca, cert, key, insecure)"),
     ({1: 2}, "config.yaml: unknown key 1 (known:"),
     # classes
@@ -482,7 +482,7 @@ def test_public_dict_is_json(tmp_path, model_file):
     public = cfg.public_dict()
     assert json.loads(json.dumps(public)) == public
     assert public["model"]["path"] == str(model_file)
-    assert public["classes"][0] == {"name": "A", "button": "GPIO17", "led": "GPIO27"}
+    assert public["classes"][0] == {"name": "A", "button": "GPIO17", "led": "GPIO27", "nothing": False}
     assert public["store"]["path"] == str(tmp_path / "var" / "store")
     assert public["mqtt"]["tls"] == {"ca": None, "cert": None, "key": None, "insecure": False}
 

@@ -281,7 +281,7 @@ PATHS = ["../../etc/passwd", "/etc/shadow", "..\\..\\boot.ini", "~/.ssh/id_rsa",
          "/tmp/edge-pwned", "../store/journal.bin", "var/store/../../x", "\0/etc/passwd", "aside/../../evil"]
 KEYS = {"record": ("class", "seconds", "count"), "clear": ("class", "all"), "rename": ("from", "to"),
         "threshold": ("value",), "classes": ("add", "remove"), "record/stop": (), "undo": (), "state": (),
-        "nothing": ("class", "nothing"), "samples": ("class", "limit", "before"), "sample/delete": ("id",),
+        "nothing": ("class", "nothing"), "samples": ("class", "limit", "before"), "sample/delete": ("sample",),
         "burst/delete": ("burst",), "thumbnails": ("ids",), "hints": ()}
 ODD = [None, True, False, 0, -1, 1, 2.5, -1e308, 1e308, 10 ** 40, "", " ", "shoes", "SHOES", "hat",
        "unknown", "auto", "NaN", "Infinity", "0.5", [], [1], {}, {"class": "shoes"}, "é" * 40,

@@ -529,7 +529,7 @@ def compare(host: dict, pi: dict) -> dict:
         report["accuracy"] = {k: v["accuracy"] for k, v in pi["head"].items()}
     if "store" in pi:
         bad = [k for k in ("reopened_equal", "vectors_bit_equal", "same_predictions_after_reopen",
-                           "journal_replay_equal") if not pi["store"][k]]
+                           "wal_replay_equal") if not pi["store"][k]]
         if bad:
             problems.append(f"store check failed: {', '.join(bad)}")
     report["problems"] = problems
@@ -600,7 +600,7 @@ def check_target(target: Target, host: Callable[[], dict], datasets: Path, cache
         report["versions"] = {k: v["version"] for k, v in pi["packages"].items() if k != "_native"}
         report["platform"] = {k: pi["platform"][k] for k in ("machine", "python", "libc")}
         report["smoke_timings"] = pi["timings"]
-        report["store"] = {k: pi["store"][k] for k in ("reopened_equal", "journal_replay_equal",
+        report["store"] = {k: pi["store"][k] for k in ("reopened_equal", "wal_replay_equal",
                                                       "counts", "files")}
         report["gpio"] = pi["gpio"]
         report["problems"] += _check_origin(pi, [site], "site run")

@@ -251,51 +251,65 @@ def check_head(images: list, emb, mean) -> dict:
 
 
 def check_store(folder: Path, model_id: str, images: list, emb, mean, head: dict) -> dict:
-    """Open, append, close, reopen, compare; then a change kept only in the journal, reopened."""
+    """Write, close, reopen, compare; then a command left only in the WAL by a process that dies
+    without closing (os._exit in a forked child), reopened and replayed by SQLite."""
     import shutil
 
     import numpy as np
 
     from edge.head import Head
-    from edge.store import Knowledge, Store
+    from edge.store import DB, Store
 
     shutil.rmtree(folder, ignore_errors=True)
     dim = emb.shape[1]
-    expected = Knowledge(dim, 200)
+    train = [i for i, item in enumerate(images) if item["split"] == "train"]
+    expected = {}
+    for i in train:
+        expected.setdefault(images[i]["class"], []).append(i)
     store = Store(folder, model_id, dim)
     store.open()
-    train = [i for i, item in enumerate(images) if item["split"] == "train"]
-    for name in dict.fromkeys(images[i]["class"] for i in train):
-        op = {"op": "add", "class": name,
-              "vectors": emb[[i for i in train if images[i]["class"] == name]]}
-        store.append(op)
-        expected.apply(op)
-    settings = {"op": "settings", "values": {"threshold": "auto", "pi-check": True}}
-    store.append(settings)
-    expected.apply(settings)
-    seq = store.seq
-    store.close()                                    # compacts: snapshot file
+    for name, rows in expected.items():
+        with store.command():
+            store.add_class(name)
+            store.add_samples(name, emb[rows], "import", store.new_burst())
+    with store.command():
+        store.set_setting("threshold", "auto")
+    store.close()                                    # checkpoints the WAL into the database
 
     again = Store(folder, model_id, dim)
-    knowledge = again.open()
-    reopened_equal = knowledge == expected and again.seq == seq
-    bits_equal = all(np.array_equal(knowledge.classes[n], expected.classes[n]) for n in expected.classes)
+    again.open()
+    stored = again.all_vectors()
+    reopened_equal = (list(stored) == list(expected) and again.settings().get("threshold") == "auto"
+                      and all(len(stored[n]) == len(r) for n, r in expected.items()))
+    bits_equal = all(np.array_equal(stored[n], emb[r].astype(np.float32)) for n, r in expected.items())
     relearned = Head(kind="centroid", mean=mean)
-    relearned.set_samples(dict(knowledge.classes))
+    relearned.set_samples(dict(stored))
     test = [i for i, item in enumerate(images) if item["split"] == "test"]
     same_predictions = [int(p) for p in relearned.predict(emb[test])[0]] == head["centroid"]["predicted"]
+    again.close()
 
-    extra = {"op": "add", "class": images[test[0]]["class"], "vectors": emb[test[0]]}
-    again.append(extra)
-    expected.apply(extra)
-    again.close(compact=False)                       # the last change lives only in the journal
+    extra = images[test[0]]["class"]
+    pid = os.fork()
+    if pid == 0:                                     # the child: one command, then death, no close
+        child = Store(folder, model_id, dim)
+        child.open()
+        with child.command():
+            child.add_samples(extra, emb[test[:1]], "button", child.new_burst())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    wal = folder / (DB + "-wal")
+    wal_bytes = wal.stat().st_size if wal.exists() else 0
     third = Store(folder, model_id, dim)
-    replayed_equal = third.open() == expected and third.seq == seq + 1
+    third.open()
+    expected[extra] = expected[extra] + test[:1]
+    replayed = third.all_vectors()
+    replayed_equal = all(np.array_equal(replayed[n], emb[r].astype(np.float32)) for n, r in expected.items())
+    counts = {c.name: c.count for c in third.classes()}
     third.close()
-    return {"seq": seq, "reopened_equal": bool(reopened_equal), "vectors_bit_equal": bool(bits_equal),
+    return {"reopened_equal": bool(reopened_equal), "vectors_bit_equal": bool(bits_equal),
             "same_predictions_after_reopen": bool(same_predictions),
-            "journal_replay_equal": bool(replayed_equal), "counts": expected.counts(),
-            "events": list(third.events), "files": sorted(p.name for p in folder.iterdir())}
+            "wal_replay_equal": bool(replayed_equal), "wal_bytes_before_replay": wal_bytes, "counts": counts,
+            "faults": list(third.faults), "files": sorted(p.name for p in folder.iterdir())}
 
 
 if __name__ == "__main__":
