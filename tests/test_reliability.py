@@ -25,6 +25,7 @@ import random
 import re
 import resource
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -41,6 +42,7 @@ from edge import commands as C
 from edge.image import list_images
 from edge.mqtt import COMMAND_MAX_BYTES, CommandInvalid
 from edge.store import Store
+import legacy_store_v1
 from faults_daemon import REPO, EdgeDaemon, count, daemon_config, wait_until
 from test_box import wait_for
 from mqtt_broker import MOSQUITTO, MOSQUITTO_PASSWD, Broker, Watcher, free_port, mosquitto_available
@@ -572,78 +574,100 @@ def test_broker_absent_at_boot_restarted_and_cut_off(tmp_path, watchers, daemons
 
 # --- the store: corrupt, truncated, another model's, a full disk ----------------------------------
 
-def _corrupt_both_snapshots(folder: Path) -> str:
-    for name in ("knowledge.npz", "knowledge.bak.npz"):
-        if (folder / name).exists():
-            data = bytearray((folder / name).read_bytes())
-            data[len(data) // 2: len(data) // 2 + 64] = os.urandom(64)
-            (folder / name).write_bytes(bytes(data))
-    return "is unreadable"
+def _prefilled(folder: Path, engine, clothing) -> None:
+    """3 shoes, closed cleanly: the close saves the last good copy next to the database."""
+    prefill(folder, engine, clothing)
 
 
-def _truncate_journal(folder: Path) -> str:
-    path = folder / "journal.bin"
-    path.write_bytes(path.read_bytes()[:-777])
-    return "torn record"
+def _damage_a_page(folder: Path) -> str:
+    data = bytearray((folder / "knowledge.db").read_bytes())
+    data[4096:8192] = os.urandom(4096)
+    (folder / "knowledge.db").write_bytes(bytes(data))
+    return "kept aside"
 
 
-def _damage_journal_middle(folder: Path) -> str:
-    path = folder / "journal.bin"
-    data = bytearray(path.read_bytes())
-    data[200] ^= 0xFF
-    path.write_bytes(bytes(data))
-    return "damaged"
+def _truncate(folder: Path) -> str:
+    path = folder / "knowledge.db"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2 + 123])
+    return "kept aside"
+
+
+def _random_bytes_and_no_good_copy(folder: Path) -> str:
+    (folder / "knowledge.db").write_bytes(os.urandom(20000))
+    (folder / "knowledge.good.db").unlink()
+    return "kept aside"
 
 
 def _other_model(folder: Path) -> str:
-    s = Store(folder, "f" * 64, 1280)
-    s.open()
-    s.append({"op": "add", "class": "shoes", "vectors": np.ones((1, 1280), np.float32)})
-    s.close()
-    return "made with model"
+    with Store(folder, "f" * 64, 1280) as s, s.command():
+        s.add_class("shoes")
+        s.add_samples("shoes", np.ones((1, 1280), np.float32), "button", s.new_burst())
+    return "knowledge.db was made with model"
 
 
-def _garbage_files(folder: Path) -> str:
-    for name in ("knowledge.npz", "knowledge.bak.npz", "journal.bin"):
-        (folder / name).write_bytes(os.urandom(3000))
-    return "unreadable"
+def _sql(statement: str):
+    def inject(folder: Path) -> str:
+        db = sqlite3.connect(folder / "knowledge.db")
+        db.executescript(statement)
+        db.close()
+        return "kept aside"
+    return inject
 
 
-STORE_FAULTS = {"corrupt snapshot and backup": _corrupt_both_snapshots, "truncated journal": _truncate_journal,
-                "journal damaged in the middle": _damage_journal_middle, "another model's store": _other_model,
-                "random bytes everywhere": _garbage_files}
+def _old_format(folder: Path, engine, clothing) -> None:
+    """A store as edge 0.x wrote it: a snapshot and journal records after it (no clean close)."""
+    old = legacy_store_v1.Store(folder, engine.model_id, engine.dim)
+    old.open()
+    files = list_images(clothing / "train" / "shoes")[:3]
+    old.append({"op": "add", "class": "shoes", "vectors": np.stack([engine.embed(Image.open(f)) for f in files[:2]])})
+    old.compact()
+    old.append({"op": "add", "class": "shoes", "vectors": engine.embed(Image.open(files[2]))[np.newaxis]})
+    old._close_files()
 
 
-def _journal_store(path: Path, engine, clothing):
-    """A store whose changes are still in the journal (closed without compaction)."""
-    s = open_store(path, engine)
-    for f in list_images(clothing / "train" / "shoes")[:3]:
-        s.append({"op": "add", "class": "shoes", "vectors": engine.embed(Image.open(f))[np.newaxis]})
-    s.close(compact=False)
+# name: (make the store, damage it -> the log line's needle, counts the box starts from)
+STORE_FAULTS = {
+    "a damaged page": (_prefilled, _damage_a_page, {"shoes": 3, "hat": 0}),
+    "a truncated database": (_prefilled, _truncate, {"shoes": 3, "hat": 0}),
+    "random bytes, no good copy": (_prefilled, _random_bytes_and_no_good_copy, {"shoes": 0, "hat": 0}),
+    "another model's store": (None, _other_model, {"shoes": 0, "hat": 0}),
+    "threshold 'banana' in the settings": (_prefilled, _sql("""INSERT OR REPLACE INTO settings VALUES ('threshold', '"banana"')"""),
+                                           {"shoes": 3, "hat": 0}),
+    "a class name against the rules": (_prefilled, _sql("UPDATE classes SET name = 'x/../../y' WHERE name = 'shoes'"),
+                                       {"shoes": 3, "hat": 0}),
+    "the old snapshot + journal format": (_old_format, lambda folder: "migrated the old-format store",
+                                          {"shoes": 3, "hat": 0}),
+}
 
 
 def test_daemon_starts_on_a_damaged_store_logs_it_keeps_it_aside_and_works(tmp_path, broker, watchers, daemons,
                                                                             engine, clothing):
+    """Each bad store: the daemon starts from the last good state (or empty), says so in one log
+    line and on the status (fault "storage"), keeps the bad files in aside/, and goes on learning."""
     frames = photo_bytes(clothing, 4)
     failures, problems, logged_lines = 0, [], {}
-    for n, (name, damage) in enumerate(STORE_FAULTS.items()):
+    for n, (name, (make, damage, start_counts)) in enumerate(STORE_FAULTS.items()):
         folder = tmp_path / f"case{n}"
         store_path = folder / "store"
-        if name != "another model's store":
-            _journal_store(store_path, engine, clothing)
+        if make is not None:
+            make(store_path, engine, clothing)
         needle = damage(store_path)
+        migrated = "migrated" in needle
         daemon = daemons(daemon_config(folder, broker.port, PREFIX, store=store_path))
         w = watchers(broker)
         mark = w.mark()
         daemon.start()
         try:
             mark = online_after(w, mark)
-            before = counts_of(state_after(w, mark))
+            first = state_after(w, mark)
+            before = counts_of(first)
+            assert before == start_counts, f"started from {before}, expected {start_counts}"
+            assert (first["fault"] == "storage") != migrated, f"fault on the status: {first['fault']}"
             assert send(w, "record", b'{"class": "hat", "count": 2}')["ok"]
             for frame in frames:
                 w.publish(f"{PREFIX}/camera/frame", frame)
                 time.sleep(0.1)
-            state_after(w, mark, lambda s: counts_of(s).get("hat", 0) >= before.get("hat", 0) + 2)
+            state_after(w, mark, lambda s: counts_of(s).get("hat", 0) >= 2)
             works = daemon.alive
         except AssertionError as exc:
             works = False
@@ -654,11 +678,14 @@ def test_daemon_starts_on_a_damaged_store_logs_it_keeps_it_aside_and_works(tmp_p
         lines = [line for line in log.splitlines() if needle in line]
         logged_lines[name] = lines
         aside = list((store_path / "aside").glob("*/*")) if (store_path / "aside").exists() else []
-        kept = name == "truncated journal" or bool(aside)       # a torn tail is cut, not kept
-        ok = works and lines and "Traceback" not in log and kept
+        s = open_store(store_path, engine)
+        after = {c.name: c.count for c in s.classes()}
+        s.close()
+        kept = after.get("hat") == 2 and after.get("shoes", 0) == start_counts["shoes"]
+        ok = works and lines and "Traceback" not in log and aside and kept
         if not ok:
             failures += 1
-            problems.append(f"{name}: works={works} lines={lines} aside={aside}\n{log[-2000:]}")
+            problems.append(f"{name}: works={works} lines={lines} aside={aside} after={after}\n{log[-2000:]}")
     report("store_faults_daemon", len(STORE_FAULTS), failures)
     assert failures == 0, "\n".join(problems)
     DAMAGED_STORE_LOG_LINES.update(logged_lines)
@@ -675,9 +702,10 @@ def test_a_store_fault_is_logged_in_one_line():
 
 def test_full_disk_keeps_the_daemon_running_on_the_last_good_state(tmp_path, broker, watchers, daemons,
                                                                      engine, clothing):
-    """RLIMIT_FSIZE makes every write past 60 kB fail (EFBIG), as a full card does."""
+    """RLIMIT_FSIZE makes every write past 250 kB fail (EFBIG), as a full card does: room for the
+    empty database and its write-ahead log at start, full after some samples."""
     store_path = tmp_path / "store"
-    limit = 60_000
+    limit = 250_000
 
     def limited():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
@@ -688,7 +716,8 @@ def test_full_disk_keeps_the_daemon_running_on_the_last_good_state(tmp_path, bro
     daemon.start()
     online_after(w, mark)
     with FramePump(w, photo_bytes(clothing), rate=15):
-        assert send(w, "record", b'{"class": "shoes", "count": 100}')["ok"]
+        result = send(w, "record", b'{"class": "shoes", "count": 100}')
+        assert result["ok"], result
         error = w.wait(f"{PREFIX}/event", lambda m: json.loads(m.payload).get("source") == "storage",
                        after=mark, timeout=60)
         st = state_after(w, mark, lambda s: s["fault"] == "storage" and s["mode"] == "classifying")
@@ -700,9 +729,9 @@ def test_full_disk_keeps_the_daemon_running_on_the_last_good_state(tmp_path, bro
     assert daemon.stop() == 0
     s = open_store(store_path, engine)
     try:
-        on_disk, events = s.knowledge.counts(), list(s.events)
+        on_disk, events = counts_on_disk(s), list(s.faults)
     finally:
-        s.close(compact=False)
+        s.close()
     log = daemon.log()
     storage_lines = [line for line in log.splitlines() if "storage:" in line]
     report("full_disk_daemon", 1, int(on_disk.get("shoes") != acked or bool(events)), samples_acknowledged=acked)
@@ -850,17 +879,49 @@ def test_invalid_config_files_give_one_line_and_exit_2_via_the_cli(tmp_path):
     assert invalid > total * 0.6
 
 
-def _knowledge_bytes(engine, model=None, version=None, names=("shoes",)) -> bytes:
-    k = Knowledge(engine.dim)
-    for n in names:
-        k.apply({"op": "add", "class": n, "vectors": np.full((2, engine.dim), 0.5, np.float32)})
-    buf = io.BytesIO()
-    store_module._write_knowledge(buf, k, model or engine.model_id, 5)
-    data = buf.getvalue()
-    if version is not None:
-        data = _rezip(data, lambda name, raw: raw.replace(b'"version": 1', f'"version": {version}'.encode())
-                      if name == "meta.json" else raw)
-    return data
+def _knowledge_bytes(tmp: Path, engine, names=("shoes",)) -> bytes:
+    """A real export of a store with `names` (2 samples each), as `edge export` writes it."""
+    folder = tmp / f"export-src-{len(list(tmp.glob('export-src-*')))}"
+    with Store(folder, engine.model_id, engine.dim) as s:
+        for n in names:
+            add(s, n, np.full((2, engine.dim), 0.5, np.float32))
+        s.export(folder / "out.edge")
+    return (folder / "out.edge").read_bytes()
+
+
+def _meta(data: bytes, change) -> bytes:
+    """The export with its meta.json changed by change(meta dict)."""
+    def edit(name, raw):
+        if name != "meta.json":
+            return raw
+        meta = json.loads(raw)
+        change(meta)
+        return json.dumps(meta).encode()
+    return _rezip(data, edit)
+
+
+def _bomb_export(good: bytes) -> bytes:
+    """The export's meta.json with a vectors.npy that deflates 511 MiB of zeros into ~0.5 MB."""
+    src = zipfile.ZipFile(io.BytesIO(good))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("meta.json", src.read("meta.json"))
+        with zf.open("vectors.npy", "w", force_zip64=True) as member:
+            chunk = bytes(1 << 20)
+            for _ in range(511):
+                member.write(chunk)
+    return out.getvalue()
+
+
+def _setting(key, value):
+    return lambda meta: meta["settings"].__setitem__(key, value)
+
+
+def _classes(n):
+    def change(meta):
+        meta["classes"] = [dict(meta["classes"][0], name=f"c{i}", count=0, ts=[], source=[]) for i in range(n)]
+        meta["classes"][0] = dict(meta["classes"][0], name="shoes", count=2, ts=[0.0, 0.0], source=["button"] * 2)
+    return change
 
 
 def _rezip(data: bytes, change, extra=()) -> bytes:
@@ -879,18 +940,29 @@ def test_bad_import_files_are_refused_via_the_cli_and_the_store_is_untouched(tmp
     prefill(store_path, engine, clothing)
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({"store": {"path": str(store_path)}, "camera": {"source": "folder"}}))
-    good = _knowledge_bytes(engine)
+    good = _knowledge_bytes(tmp_path, engine)
     cases = {
-        "wrong version": (_knowledge_bytes(engine, version=99), "newer edge"),
-        "old version": (_knowledge_bytes(engine, version=0), "not supported"),
-        "wrong model hash": (_knowledge_bytes(engine, model="0" * 64), "different model"),
+        "newer version": (_meta(good, lambda m: m.update(version=99)), "update edge"),
+        "version 0": (_meta(good, lambda m: m.update(version=0)), "is not supported"),
+        "wrong model hash": (_meta(good, lambda m: m.update(model_id="0" * 64)), "different model"),
+        "threshold 'banana'": (_meta(good, _setting("threshold", "banana")), "threshold"),
+        "threshold null": (_meta(good, _setting("threshold", None)), "threshold"),
+        "renames [\"x\"]": (_meta(good, _setting("renames", ["x"])), "unknown setting"),
+        "extra_classes 7": (_meta(good, _setting("extra_classes", 7)), "unknown setting"),
+        "settings not an object": (_meta(good, lambda m: m.update(settings=[1])), "no settings"),
+        "200 class names": (_meta(good, _classes(200)), "at most 8"),
+        "class named ../../x": (_knowledge_bytes(tmp_path, engine, names=("shoes",)).replace(b'"shoes"', b'"../../x"', 1),
+                                "cannot import"),
+        "count larger than the vectors": (_meta(good, lambda m: m["classes"][0].update(count=3, ts=[0.0] * 3,
+                                                                                       source=["button"] * 3)),
+                                          "cannot import"),
         "corrupt archive": (good[:100] + os.urandom(200) + good[300:], "cannot import"),
         "truncated archive": (good[: len(good) // 2], "damaged or not a zip"),
         "not an archive": (b"hello", "not a zip"),
-        "path escape ../": (_rezip(good, lambda n, r: r, [("../../escaped.txt", b"x")]), "unsafe member"),
-        "absolute path": (_rezip(good, lambda n, r: r, [(str(tmp_path / "abs.txt"), b"x")]), "unsafe member"),
-        "path into store": (_rezip(good, lambda n, r: r, [("store/journal.bin", b"x")]), "unsafe member"),
-        "class named ../../x": (_knowledge_bytes(engine, names=("../../x",)), None),
+        "path escape ../": (_rezip(good, lambda n, r: r, [("../../escaped.txt", b"x")]), "unexpected members"),
+        "absolute path": (_rezip(good, lambda n, r: r, [(str(tmp_path / "abs.txt"), b"x")]), "unexpected members"),
+        "path into store": (_rezip(good, lambda n, r: r, [("store/knowledge.db", b"x")]), "unexpected members"),
+        "zip bomb (vectors inflate to 511 MiB)": (_bomb_export(good), "too large"),
     }
     failures, problems = 0, []
     for name, (data, message) in cases.items():
@@ -901,20 +973,26 @@ def test_bad_import_files_are_refused_via_the_cli_and_the_store_is_untouched(tmp
         outside = set(tmp_path.parent.rglob("*"))
         r = edge_cli("import", bad, "--config", config, cwd=tmp_path)
         after_outside = set(tmp_path.parent.rglob("*"))
-        if message is None:
-            # A class name is data, never a path: importing it is fine and creates no file from it.
-            ok = r.returncode == 0 and not (after_outside - outside - set(store_path.rglob("*")))
-        else:
-            # The LiteRT runtime prints its own "INFO: Created TensorFlow Lite XNNPACK delegate" banner.
-            lines = [x for x in r.stderr.strip().splitlines() if not x.startswith("INFO: Created TensorFlow Lite")]
-            ok = (r.returncode == 1 and len(lines) == 1 and message in lines[0] and tree(store_path) == before
-                  and after_outside == outside)
+        # The LiteRT runtime prints its own "INFO: Created TensorFlow Lite XNNPACK delegate" banner.
+        lines = [x for x in r.stderr.strip().splitlines() if not x.startswith("INFO: Created TensorFlow Lite")]
+        ok = (r.returncode == 1 and len(lines) == 1 and message in lines[0] and tree(store_path) == before
+              and after_outside == outside)
         if not ok:
             failures += 1
             problems.append(f"{name}: rc={r.returncode} {r.stderr[-400:]!r}")
-    report("import_cli", len(cases), failures)
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024   # the largest `edge import`
+    report("import_cli", len(cases), failures, peak_rss_mib=round(peak_mib))
     assert failures == 0, "\n".join(problems)
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path.parent / "escaped.txt").exists()
+    assert peak_mib <= 200, f"an `edge import` of a hostile file peaked at {peak_mib:.0f} MiB"
+    ok = tmp_path / "in" / "good.edge"
+    ok.write_bytes(good)
+    r = edge_cli("import", ok, "--config", config, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-400:]
+    assert "without button or LED: shoes" in r.stdout + r.stderr, r.stdout + r.stderr
+    s = open_store(store_path, engine)
+    assert [(c.name, c.count) for c in s.classes()][:1] == [("shoes", 2)]
+    s.close()
 
 
 # --- security -------------------------------------------------------------------------------------
