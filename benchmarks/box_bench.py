@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from edge.bench import interleaved  # noqa: E402
+from edge.camera import FolderCamera  # noqa: E402
 from edge.engine import DEFAULT_MODEL, Embedder  # noqa: E402
 from edge.head import Head  # noqa: E402
 from edge.image import list_images, load_image  # noqa: E402
@@ -36,7 +38,7 @@ def datasets() -> Path:
 def speed(runs: int, threads) -> dict:
     from edge.app import Box
     from edge.config import parse_config
-    from edge.panel import Panel, use_mock_pins
+    from edge.panel import Panel, mock_pins
     from edge.store import Store
 
     engine = Embedder(DEFAULT_MODEL, threads=threads)
@@ -44,15 +46,17 @@ def speed(runs: int, threads) -> dict:
     frames = [np.asarray(p) for p in photos]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_config({"store": {"path": f"{tmp}/store"}, "camera": {"source": "folder"}}, base=Path(tmp))
-        use_mock_pins()
         store = Store(cfg.store.path, engine.model_id, engine.dim)
         store.open()
         rng = np.random.default_rng(0)
+        commands = queue.Queue()
+        panel = Panel(cfg.classes, cfg.function_button, cfg.status_led, send=commands.put, pin_factory=mock_pins())
+        box = Box(cfg, engine, store, FolderCamera(Path(tmp)), panel, commands)
         for name in ("A", "B", "C"):  # a typical box: three classes of 60 samples
-            store.append({"op": "add", "class": name,
-                          "vectors": np.abs(rng.normal(0, 1, (60, engine.dim))).astype(np.float32)})
-        box = Box(cfg, engine, store, camera=None, panel=None)
-        box.panel = Panel(cfg.classes, cfg.function_button, cfg.status_led, send=box.submit)
+            with store.command():
+                store.add_samples(name, np.abs(rng.normal(0, 1, (60, engine.dim))).astype(np.float32), "import",
+                                  store.new_burst())
+        box._refit()
         x = engine.prepare(frames[0])
         i = [0]
 
@@ -70,7 +74,7 @@ def speed(runs: int, threads) -> dict:
         ms = interleaved({"invoke_ms": lambda: engine.invoke(x),
                           "frame_to_decision_ms": frame_to_decision,
                           "head_5000_ms": lambda: big.evaluate(vec)}, runs)
-        box.panel.close()
+        panel.close()
         store.close()
     return {
         "threads": threads or os.cpu_count(),

@@ -97,9 +97,11 @@ def make_box(folder: Path, port: int, engine: Embedder, camera, source: str, vec
     }, base=folder.parent)
     store = Store(cfg.store.path, engine.model_id, engine.dim)
     store.open()
-    for name, vecs in vectors.items():
-        store.append({"op": "add", "class": name, "vectors": vecs})
-    box = Box(cfg, engine, store, camera, panel=None)
+    box = Box(cfg, engine, store, camera, None, queue.Queue())
+    with store.command():
+        for name, vecs in vectors.items():
+            store.add_samples(name, vecs, "import", store.new_burst())
+    box._refit()
     return cfg, box, store
 
 

@@ -25,8 +25,9 @@ import numpy as np
 
 from edge import __version__, commands as C, rules
 from edge.commands import Decision, Outputs
-from edge.camera import Camera, CameraError
+from edge.camera import Camera, Retrying
 from edge.engine import Embedder, ModelError, load_reference
+from edge.gestures import Gestures
 from edge.head import Head, gate_features
 from edge.image import ImageError
 from edge.panel import Panel, Press
@@ -37,9 +38,6 @@ from edge.systemd import Notifier
 log = logging.getLogger(__name__)
 
 UNKNOWN_LABEL = "unknown"
-SHORT_PRESS = 1.0        # function button released before this: undo the last burst
-CLEAR_ALL_HOLD = 5.0     # function button held this long alone: clear everything
-CAMERA_BACKOFF = (0.5, 10.0)
 PREVIEW_PERIOD = 0.2     # seconds between model-view pictures for outputs that show them
 THUMBNAIL_SIZE = 96      # pixels: a sample's picture in the store (web gallery)
 FEW_SAMPLES = 10         # fewer than this: a hint to teach a class more
@@ -68,32 +66,30 @@ class CommandError(ValueError):
 class Box:
     """Owns the knowledge and the mode; runs the frame loop. Everything else talks via `submit`."""
 
-    def __init__(self, cfg, engine: Embedder, store: Store, camera: Optional[Camera], panel: Optional[Panel],
-                 notifier: Optional[Notifier] = None, outputs: Optional[List[Outputs]] = None):
+    def __init__(self, cfg, engine: Embedder, store: Store, camera: Camera, panel: Optional[Panel],
+                 commands: "queue.Queue", notifier: Optional[Notifier] = None,
+                 outputs: Optional[List[Outputs]] = None):
+        """Built in one pass with all its parts: `commands` is the queue whose `put` the panel and
+        the links were given (make it first), so nothing is filled in later."""
         self.cfg = cfg
         self.engine = engine
         self.store = store
-        self.camera = camera
+        self.camera = camera if isinstance(camera, Retrying) else Retrying(camera)
         self.panel = panel
         self.notifier = notifier or Notifier(address="")
         self.outputs: List = list(outputs or [])
-        self.queue: "queue.Queue" = queue.Queue()
+        self.queue = commands
         self.stop_event = threading.Event()
         self.started = time.time()
         self.wiring = {c.name: c for c in cfg.classes}   # config class name -> its pins
         self.faults: Dict[str, str] = {}
         self.smoother = Smoother(cfg.head.smoothing, cfg.head.hysteresis)
         self.recording: Optional[Recording] = None
-        self.ignored: set = set()          # buttons held since start: ignored until released
-        self.function_down: Optional[float] = None
-        self.function_used = False
+        self.gestures = Gestures()
         self.frames = 0
         self.label = UNKNOWN_LABEL
         self.view: Optional[np.ndarray] = None   # the model's input of the newest frame
         self._preview_at = 0.0
-        self._camera_open = False
-        self._camera_retry_at = 0.0
-        self._camera_failures = 0
         self._period = 1.0 / cfg.capture.rate
         for message in store.faults:
             self._fault_on("storage", message)
@@ -212,9 +208,10 @@ class Box:
     def run(self) -> None:
         """Run until stop(): commands, frames, LEDs, watchdog (fed only after a healthy step)."""
         if self.panel is not None:
-            self.ignored = set(self.panel.held())
-            if self.ignored:
-                log.info("ignoring buttons held at start until released: %s", ", ".join(sorted(self.ignored)))
+            held = self.panel.held()
+            self.gestures = Gestures(held, self.gestures.clear_all_hold)
+            if held:
+                log.info("ignoring buttons held at start until released: %s", ", ".join(sorted(held)))
         self._show_status()
         self._announce_state()
         self.notifier.ready(f"classes: {', '.join(self.classes)}")
@@ -243,7 +240,8 @@ class Box:
             rgb = self.engine.prepare(frame)
             vec = self.engine.invoke(rgb)
         except ImageError as exc:
-            self._camera_fault(f"camera sent an unusable frame: {exc}")
+            self.camera.failed(f"camera sent an unusable frame: {exc}")
+            self._camera_status()
             return
         self.frames += 1
         self.view = rgb
@@ -262,46 +260,26 @@ class Box:
     # --- camera ------------------------------------------------------------------------------
 
     def _next_frame(self) -> Optional[np.ndarray]:
-        now = time.monotonic()
-        if not self._camera_open:
-            if now < self._camera_retry_at:
-                self._wait(min(0.1, self._camera_retry_at - now))
-                return None
-            try:
-                self.camera.open()
-                self._camera_open = True
-            except CameraError as exc:
-                self._camera_fault(str(exc))
-                return None
         try:
             frame = self.camera.read()
-        except CameraError as exc:
-            self._camera_fault(str(exc))
-            return None
         except ImageError as exc:  # one bad frame (e.g. over MQTT): refuse it, keep the camera
             log.warning("frame rejected: %s", exc)
             self._emit({"event": "error", "source": "frame", "message": f"frame rejected: {exc}"})
             return None
-        if frame is None:  # nothing new (a network source between frames)
-            return None
-        if self._camera_failures:
-            log.info("camera is back after %d failed attempts", self._camera_failures)
-            self._camera_failures = 0
-            self._fault_off("camera")
+        self._camera_status()
+        if frame is None and self.camera.retry_in() > 0:
+            self._wait(min(0.1, self.camera.retry_in()))
         return frame
 
-    def _camera_fault(self, message: str) -> None:
-        """Close, back off exponentially, show the camera blink code; the box keeps running."""
-        self._camera_failures += 1
-        delay = min(CAMERA_BACKOFF[0] * 2 ** (self._camera_failures - 1), CAMERA_BACKOFF[1])
-        if self._camera_failures == 1 or self._camera_failures % 20 == 0:
-            log.warning("%s (retrying in %.1fs)", message, delay)
+    def _camera_status(self) -> None:
+        """Tell the camera's news and show its fault (the box keeps running meanwhile)."""
+        for message in self.camera.news():
+            log.warning("%s", message)
             self._emit({"event": "error", "source": "camera", "message": message})
-        with contextlib.suppress(Exception):
-            self.camera.close()
-        self._camera_open = False
-        self._camera_retry_at = time.monotonic() + delay
-        self._fault_on("camera", message)
+        if self.camera.fault is not None:
+            self._fault_on("camera", self.camera.fault)
+        else:
+            self._fault_off("camera")
 
     # --- commands ----------------------------------------------------------------------------
 
@@ -502,36 +480,28 @@ class Box:
     # --- buttons -----------------------------------------------------------------------------
 
     def _press(self, press: Press) -> None:
-        if press.button in self.ignored:
-            if not press.pressed:
-                self.ignored.discard(press.button)
-            return
-        if press.button == "function":
-            if press.pressed:
-                self.function_down, self.function_used = press.at, False
-            else:
-                held = press.at - (self.function_down or press.at)
-                self.function_down = None
-                if not self.function_used and held < SHORT_PRESS:
-                    self._safely(self._undo)
-            return
-        name = self.button_class(press.button)
-        if name is None:
-            return
-        if press.pressed:
-            if self.function_down is not None:
-                self.function_used = True
-                self._safely(lambda: self._clear(name))
-            else:
-                self._start_recording(name, "button", by_button=True)
-        elif self.recording is not None and self.recording.name == name and self.recording.by_button:
-            self._end_recording()
+        self._act(self.gestures.press(press.button, press.pressed, press.at))
 
     def _check_function_hold(self) -> None:
-        if (self.function_down is not None and not self.function_used
-                and time.monotonic() - self.function_down >= CLEAR_ALL_HOLD):
-            self.function_used = True
-            self._safely(self._clear_all)
+        self._act(self.gestures.tick(time.monotonic()))
+
+    def _act(self, actions) -> None:
+        """Carry out what the button gestures ask for (see edge/gestures.py)."""
+        for action in actions:
+            if action.kind == "undo":
+                self._safely(self._undo)
+            elif action.kind == "clear_all":
+                self._safely(self._clear_all)
+            else:
+                name = self.button_class(action.button)
+                if name is None:
+                    continue
+                if action.kind == "clear":
+                    self._safely(lambda: self._clear(name))
+                elif action.kind == "record":
+                    self._start_recording(name, "button", by_button=True)
+                elif self.recording is not None and self.recording.name == name and self.recording.by_button:
+                    self._end_recording()
 
     def _safely(self, action: Callable[[], None]) -> None:
         """Run a button action; its problems are logged and shown, never raised."""
@@ -834,7 +804,7 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
     import signal
 
     from edge.camera import make_camera
-    from edge.panel import gpio_available, use_mock_pins
+    from edge.panel import gpio_available, mock_pins
 
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         log.warning("running as root: a box should run as its own user (see docs/install.md)")
@@ -842,38 +812,39 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
         simulate = not gpio_available()
         if simulate:
             log.warning("no GPIO found: running simulated (mock pins)")
-    if simulate:
-        use_mock_pins()
+    pins = mock_pins() if simulate else None     # None: gpiozero's default factory (real pins)
 
     with contextlib.ExitStack() as stack:
         try:
             engine = Embedder(cfg.model.model_path, threads=cfg.model.threads, kernels=cfg.model.kernels,
                               mirror=cfg.camera.mirror)
         except ModelError as exc:
-            return _show_fault_until_stopped(cfg, "model", exc)
+            return _show_fault_until_stopped(cfg, "model", exc, pins)
         store = Store(cfg.store.path, engine.model_id, engine.dim, max_per_class=cfg.capture.max_per_class,
                       thumbnails=cfg.store.thumbnails)
         try:
             store.open()
         except StoreError as exc:
-            return _show_fault_until_stopped(cfg, "storage", exc)
+            return _show_fault_until_stopped(cfg, "storage", exc, pins)
         stack.callback(store.close)
         notifier = Notifier()
         stack.callback(notifier.close)
         stack.callback(notifier.stopping)
 
-        box = Box(cfg, engine, store, camera=None, panel=None, notifier=notifier)
+        commands: "queue.Queue" = queue.Queue()     # first: every part that sends gets its put
+        outputs: List[Outputs] = []
         link = None
         if cfg.mqtt.enabled:
             from edge.mqtt import MqttLink
-            link = MqttLink(cfg.mqtt, cfg.device_id, box.submit, frame_source=cfg.camera.source == "mqtt")
-            box.outputs.append(link)
+            link = MqttLink(cfg.mqtt, cfg.device_id, commands.put, frame_source=cfg.camera.source == "mqtt")
+            outputs.append(link)
         camera = link.camera if link is not None and link.camera is not None else \
             make_camera(cfg.camera, demo_folder=_demo_folder(), model_size=engine.size)
-        box.camera = camera
         stack.callback(camera.close)
-        box.panel = Panel(cfg.classes, cfg.function_button, cfg.status_led, send=box.submit, pwm=cfg.led_pwm)
-        stack.callback(box.panel.close)
+        panel = Panel(cfg.classes, cfg.function_button, cfg.status_led, send=commands.put, pwm=cfg.led_pwm,
+                      pin_factory=pins)
+        stack.callback(panel.close)
+        box = Box(cfg, engine, store, camera, panel, commands, notifier=notifier, outputs=outputs)
         log.info("edge %s: model %s (%s), camera %s, classes %s, store %s", __version__,
                  engine.path.name, engine.info.backend, camera.name, ", ".join(box.classes), cfg.store.path)
         if link is not None:
@@ -881,7 +852,7 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
             stack.callback(link.close)
         if terminal:
             from edge.sim import Terminal
-            sim = Terminal(box, box.panel, camera)
+            sim = Terminal(box, panel, camera)
             sim.start()
             stack.callback(sim.close)
 
@@ -902,7 +873,7 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
     return 0
 
 
-def _show_fault_until_stopped(cfg, code: str, exc: Exception) -> int:
+def _show_fault_until_stopped(cfg, code: str, exc: Exception, pins=None) -> int:
     """A box without a screen shows a fatal fault on its status LED instead of just exiting
     (systemd would only restart it into the same fault). Exits 1 when stopped."""
     import signal
@@ -911,7 +882,8 @@ def _show_fault_until_stopped(cfg, code: str, exc: Exception) -> int:
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: None)
-    panel = Panel(cfg.classes, cfg.function_button, cfg.status_led, send=lambda _item: None)
+    panel = Panel(cfg.classes, cfg.function_button, cfg.status_led, send=lambda _item: None,
+                  pin_factory=pins)
     notifier = Notifier()
     try:
         panel.set_status(code)

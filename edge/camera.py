@@ -18,6 +18,9 @@ from edge.image import ImageError, list_images, load_image
 log = logging.getLogger(__name__)
 
 
+BACKOFF = (0.5, 10.0)   # seconds: first retry, longest wait between retries
+
+
 class CameraError(RuntimeError):
     """The camera cannot deliver frames right now (unplugged, busy, missing library)."""
 
@@ -222,6 +225,76 @@ def webcam_present(device: int = 0) -> bool:
     except ImportError:
         return False
     return Path(f"/dev/video{device}").exists()
+
+
+class Retrying:
+    """A camera that heals: opened on demand; after a failure it is closed and tried again after
+    an exponential backoff, so a loose cable costs a blink code, not a restart.
+
+    `read()` returns a frame or None (nothing new, or waiting to retry); ImageError (one unusable
+    frame) passes through. `fault` is the current problem in words, or None; `news()` hands out
+    the failures worth telling (the first, then every 20th) so a flapping camera does not flood
+    the log.
+    """
+
+    def __init__(self, camera: Camera, backoff=BACKOFF):
+        self.camera = camera
+        self.backoff = backoff
+        self.fault: Optional[str] = None
+        self.failures = 0
+        self._open = False
+        self._retry_at = 0.0
+        self._news: list = []
+
+    @property
+    def name(self) -> str:
+        return self.camera.name
+
+    def read(self) -> Optional[np.ndarray]:
+        if not self._open:
+            if time.monotonic() < self._retry_at:
+                return None
+            try:
+                self.camera.open()
+                self._open = True
+            except CameraError as exc:
+                self.failed(str(exc))
+                return None
+        try:
+            frame = self.camera.read()
+        except CameraError as exc:
+            self.failed(str(exc))
+            return None
+        if frame is not None and self.failures:
+            log.info("camera is back after %d failed attempts", self.failures)
+            self.failures, self.fault = 0, None
+        return frame
+
+    def failed(self, message: str) -> None:
+        """The camera (or a frame it sent) failed: close it and retry after the backoff."""
+        self.failures += 1
+        delay = min(self.backoff[0] * 2 ** (self.failures - 1), self.backoff[1])
+        if self.failures == 1 or self.failures % 20 == 0:
+            self._news.append(f"{message} (retrying in {delay:.1f}s)")
+        try:
+            self.camera.close()
+        except Exception as exc:  # a broken device must not stop the retrying
+            log.debug("closing %s: %s", self.camera.name, exc)
+        self._open = False
+        self._retry_at = time.monotonic() + delay
+        self.fault = message
+
+    def retry_in(self) -> float:
+        """Seconds until the next attempt (0 while the camera is open)."""
+        return 0.0 if self._open else max(0.0, self._retry_at - time.monotonic())
+
+    def news(self) -> list:
+        out, self._news = self._news, []
+        return out
+
+    def close(self) -> None:
+        self._open = False
+        self.camera.close()
 
 
 def picamera_present() -> bool:

@@ -33,23 +33,21 @@ def gpio_available() -> bool:
 
     from gpiozero import Device
     from gpiozero.exc import BadPinFactory
-    if Device.pin_factory is not None:
-        return type(Device.pin_factory).__name__ != "MockFactory"
+    from gpiozero.pins.mock import MockFactory
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            Device.pin_factory = Device._default_pin_factory()
-    except BadPinFactory:
+            warnings.simplefilter("ignore")      # gpiozero warns for each driver it falls back from
+            Device.ensure_pin_factory()
+    except (BadPinFactory, ImportError, OSError, RuntimeError):
         return False
-    return True
+    return not isinstance(Device.pin_factory, MockFactory)
 
 
-def use_mock_pins():
-    """Switch gpiozero to mock pins (PWM-capable) for simulation and tests; returns the factory."""
-    from gpiozero import Device
+def mock_pins():
+    """A new factory of mock pins (PWM-capable) for simulation and tests, given to the Panel as
+    its pin_factory (gpiozero's own way to choose pins per device; nothing global changes)."""
     from gpiozero.pins.mock import MockFactory, MockPWMPin
-    Device.pin_factory = MockFactory(pin_class=MockPWMPin)
-    return Device.pin_factory
+    return MockFactory(pin_class=MockPWMPin)
 
 
 @dataclass
@@ -68,8 +66,9 @@ class Panel:
     """
 
     def __init__(self, classes, function_pin: Optional[str], status_pin: Optional[str],
-                 send: Callable[[Press], None], pwm: bool = False):
+                 send: Callable[[Press], None], pwm: bool = False, pin_factory=None):
         from gpiozero import LED, PWMLED, Button
+        self.pin_factory = pin_factory       # None: gpiozero's default (the real pins on a Pi)
         self._send = send
         self._devices: List = []
         self.buttons = {}
@@ -80,9 +79,9 @@ class Panel:
                 if c.button:
                     self.buttons[c.name] = self._button(Button, c.button, c.name)
                 if c.led:
-                    self.leds[c.name] = self._keep((PWMLED if pwm else LED)(c.led))
+                    self.leds[c.name] = self._keep((PWMLED if pwm else LED)(c.led, pin_factory=pin_factory))
             self.function = self._button(Button, function_pin, "function") if function_pin else None
-            self.status = self._keep(LED(status_pin)) if status_pin else None
+            self.status = self._keep(LED(status_pin, pin_factory=pin_factory)) if status_pin else None
         except Exception:
             self.close()
             raise
@@ -95,7 +94,7 @@ class Panel:
         return device
 
     def _button(self, cls, pin, name):
-        button = self._keep(cls(pin, pull_up=True, bounce_time=BOUNCE_SECONDS))
+        button = self._keep(cls(pin, pull_up=True, bounce_time=BOUNCE_SECONDS, pin_factory=self.pin_factory))
         button.when_pressed = lambda: self._send(Press(name, True, time.monotonic()))
         button.when_released = lambda: self._send(Press(name, False, time.monotonic()))
         return button

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real model, the shared photo sets, temporary files.
+"""Shared fixtures: the real model, the shared photo sets, a real mosquitto (`broker`), MQTT
+watchers, daemons in child processes (`daemons`) and gpiozero mock pins (`mock_factory`).
 
 The photo sets live outside the repo (../shared/datasets, or $EDGE_DATASETS). On a laptop without
 them the tests that need them skip and say why; in CI (CI=true) a missing set is a failure.
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from edge.engine import DEFAULT_MODEL, Embedder
+from faults_daemon import EdgeDaemon
+from mqtt_broker import Broker, Watcher
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +43,66 @@ def calibration() -> Path:
     return need_dataset("calibration")
 
 
+@pytest.fixture()
+def mock_factory():
+    """gpiozero's mock pins (PWM-capable), as gpiozero's own tests do it: the global factory is
+    saved, replaced and restored, and the factory is also handed to the Panel explicitly."""
+    from gpiozero import Device
+    from gpiozero.pins.mock import MockFactory, MockPWMPin
+    saved = Device.pin_factory
+    Device.pin_factory = factory = MockFactory(pin_class=MockPWMPin)
+    try:
+        yield factory
+    finally:
+        factory.reset()
+        Device.pin_factory = saved
+
+
 @pytest.fixture(scope="session")
 def engine() -> Embedder:
     """The default int8 model, loaded once for the whole session."""
     return Embedder(DEFAULT_MODEL, threads=2)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A real mosquitto on a free local port, for one test."""
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def watchers(request):
+    """make(broker, topics=(PREFIX/#,)) -> a Watcher recording every message; PREFIX is the
+    test module's. All are closed at teardown."""
+    made = []
+    prefix = getattr(request.module, "PREFIX", "edge")
+
+    def make(broker, topics=None, **kw):
+        w = Watcher(broker, topics=topics or (f"{prefix}/#",), **kw)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        try:
+            w.close()
+        except Exception:   # a watcher of a broker the test killed
+            pass
+
+
+@pytest.fixture
+def daemons():
+    """make(config_path, log=None, **popen options) -> an EdgeDaemon (`edge run` in a child);
+    all are stopped at teardown."""
+    made = []
+
+    def make(config, log=None, **kw):
+        d = EdgeDaemon(config, log or Path(config).parent / f"daemon{len(made)}.log", **kw)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()

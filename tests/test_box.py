@@ -1,6 +1,7 @@
 """The box end to end, in process: real model, real photos through a folder camera, real gpiozero
 on mock pins, a real store on disk. Hold a button while photos play, then watch the LEDs."""
 
+import queue
 import shutil
 import threading
 import time
@@ -11,28 +12,29 @@ import pytest
 from edge import app as app_module
 from edge import commands as C
 from edge.app import Box
-from edge.camera import FolderCamera
+from edge.camera import FolderCamera, Retrying
 from edge.config import parse_config
 from edge.image import list_images
-from edge.panel import Panel, use_mock_pins
+from edge.panel import Panel
 from edge.store import Store
+from edge.systemd import Notifier
+from mqtt_broker import wait_until
 
 PINS = {"A": ("GPIO17", "GPIO27"), "B": ("GPIO22", "GPIO23")}
 
 
-def wait_for(predicate, timeout=30.0, step=0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
+def wait_for(predicate, timeout=30.0, step=0.05) -> bool:
+    """wait_until as a truth value, for `assert wait_for(...), details`."""
+    try:
+        return bool(wait_until(predicate, timeout, step))
+    except AssertionError:
+        return False
 
 
 class Rig:
     """A running box plus the handles a test needs: camera folder, pins, store."""
 
-    def __init__(self, tmp_path, engine):
+    def __init__(self, tmp_path, engine, factory):
         self.tmp = tmp_path
         self.engine = engine
         self.cam = tmp_path / "camera"
@@ -44,7 +46,7 @@ class Rig:
             "capture": {"rate": 12, "max_per_class": 100, "min_change": 0.01},
             "store": {"path": str(tmp_path / "store")},
         }, base=tmp_path)
-        self.factory = use_mock_pins()
+        self.factory = factory
         self.events = []
         self.start()
 
@@ -52,10 +54,11 @@ class Rig:
         self.store = Store(self.cfg.store.path, self.engine.model_id, self.engine.dim,
                            max_per_class=self.cfg.capture.max_per_class)
         self.store.open()
-        self.box = Box(self.cfg, self.engine, self.store, FolderCamera(self.cam, fps=30), panel=None)
-        self.box.panel = Panel(self.cfg.classes, self.cfg.function_button, self.cfg.status_led,
-                               send=self.box.submit)
-        self.box.outputs.append(self)
+        commands = queue.Queue()
+        panel = Panel(self.cfg.classes, self.cfg.function_button, self.cfg.status_led, send=commands.put,
+                      pin_factory=self.factory)
+        self.box = Box(self.cfg, self.engine, self.store, FolderCamera(self.cam, fps=30), panel, commands,
+                       outputs=[self])
         self.thread = threading.Thread(target=self.box.run, daemon=True)
         self.thread.start()
 
@@ -117,8 +120,8 @@ class Rig:
 
 
 @pytest.fixture
-def rig(tmp_path, engine):
-    r = Rig(tmp_path, engine)
+def rig(tmp_path, engine, mock_factory):
+    r = Rig(tmp_path, engine, mock_factory)
     yield r
     if r.thread.is_alive():
         r.stop()
@@ -175,8 +178,8 @@ def test_function_button_undo_and_clear(rig, clothing):
     assert rig.box.recording is None
 
 
-def test_hold_function_clears_everything(rig, clothing, monkeypatch):
-    monkeypatch.setattr(app_module, "CLEAR_ALL_HOLD", 0.5)
+def test_hold_function_clears_everything(rig, clothing):
+    rig.box.gestures.clear_all_hold = 0.5
     rig.teach("A", list_images(clothing / "train" / "shoes"), 3)
     rig.pin("GPIO26").drive_low()
     assert wait_for(lambda: rig.counts() == {}, 5), rig.counts()
@@ -293,9 +296,9 @@ def test_garbage_frames_are_survived(rig, clothing):
             self.pacer.wait()
             return np.zeros((7, 3), np.float64)  # wrong shape and type
 
-    rig.box.camera = Garbage(rig.cam, fps=30)
+    rig.box.camera = Retrying(Garbage(rig.cam, fps=30))
     assert wait_for(lambda: rig.box.fault == "camera", 5)
-    rig.box.camera = FolderCamera(rig.cam, fps=30)
+    rig.box.camera = Retrying(FolderCamera(rig.cam, fps=30))
     rig.show(list_images(clothing / "train" / "shoes")[:2])
     assert wait_for(lambda: rig.box.fault is None, 15) and rig.thread.is_alive()
 
@@ -321,3 +324,53 @@ def test_model_fault_keeps_the_daemon_up_showing_the_fault(tmp_path):
         proc.kill()
     assert proc.returncode == 1
     assert "model.tflite: not a usable TFLite model" in err and "Traceback" not in err
+
+
+def test_the_watchdog_is_fed_only_by_healthy_steps(tmp_path, engine, mock_factory, clothing):
+    """A bug that fails every frame must not look alive to systemd: the loop logs each error but
+    stops the watchdog pings (systemd then restarts the box); a healthy loop keeps pinging."""
+    import socket
+    import tempfile
+
+    class Broken(FolderCamera):
+        def read(self):
+            self.pacer.wait()
+            raise RuntimeError("a bug on every frame")       # not a camera fault: a bug
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for f in list_images(clothing / "train" / "shoes")[:2]:
+        shutil.copy(f, photos / f.name)
+    cfg = parse_config({"classes": [{"name": "A"}], "function_button": None, "status_led": None,
+                        "camera": {"source": "folder", "folder": str(photos)},
+                        "store": {"path": str(tmp_path / "store")}}, base=tmp_path)
+    pings = {}
+    with tempfile.TemporaryDirectory(prefix="edge-wd-") as short:
+        for name, camera in (("healthy", FolderCamera(photos, fps=20)), ("broken", Broken(photos, fps=20))):
+            address = f"{short}/{name}"
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(address)
+            sock.settimeout(0.1)
+            store = Store(cfg.store.path, engine.model_id, engine.dim)
+            store.open()
+            box = Box(cfg, engine, store, camera, None, queue.Queue(),
+                      notifier=Notifier(address=address, watchdog_usec="200000"))
+            thread = threading.Thread(target=box.run, daemon=True)
+            thread.start()
+            got, end = [], time.monotonic() + 3
+            while time.monotonic() < end:
+                try:
+                    got.append(sock.recv(4096).decode())
+                except socket.timeout:
+                    pass
+            frames_or_errors = box.frames
+            box.stop()
+            thread.join(10)
+            store.close()
+            sock.close()
+            pings[name] = sum("WATCHDOG=1" in m.split("\n") for m in got)
+            assert any("READY=1" in m.split("\n") for m in got), got
+            if name == "broken":
+                assert frames_or_errors == 0
+    assert pings["healthy"] >= 5, pings          # 3 s at a 0.2 s watchdog: pinged every 0.1 s or so
+    assert pings["broken"] == 0, pings

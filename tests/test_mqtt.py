@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import queue
 import shutil
 import socket
 import subprocess
@@ -63,13 +64,6 @@ def no_leaked_threads():
 
 
 @pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path / "broker").start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture
 def brokers(tmp_path):
     """make(start=True, **Broker options) -> a Broker of its own, killed at teardown (after the
     links and watchers of the test are closed, when those fixtures are listed after this one)."""
@@ -83,20 +77,6 @@ def brokers(tmp_path):
     yield make
     for b in made:
         b.stop()
-
-
-@pytest.fixture
-def watchers():
-    made = []
-
-    def make(broker, topics=(f"{PREFIX}/#",), **kw):
-        w = Watcher(broker, topics=topics, **kw)
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.close()
 
 
 def mqtt_config(port, **changes) -> MqttConfig:
@@ -129,10 +109,10 @@ def decision(label="shoes", index=0, changed=False, frame=1, confidence=0.9):
 class RunningBox:
     """A real Box (real model, store, MQTT link) running its loop on a thread."""
 
-    def __init__(self, cfg, engine, link, camera):
+    def __init__(self, cfg, engine, link, camera, commands):
         self.store = Store(cfg.store.path, engine.model_id, engine.dim)
         self.store.open()
-        self.box = Box(cfg, engine, self.store, camera, panel=None, outputs=[link])
+        self.box = Box(cfg, engine, self.store, camera, None, commands, outputs=[link])
         self.link = link
         self.thread = threading.Thread(target=self.box.run, name="box-loop", daemon=True)
 
@@ -170,10 +150,10 @@ def boxes(tmp_path, engine):
         if folder is not None:
             data["camera"]["folder"] = str(folder)
         cfg = parse_config(data, base=tmp_path)
-        link = MqttLink(cfg.mqtt, cfg.device_id, lambda cmd: running.box.submit(cmd),
-                        frame_source=source == "mqtt")
+        commands = queue.Queue()
+        link = MqttLink(cfg.mqtt, cfg.device_id, commands.put, frame_source=source == "mqtt")
         camera = link.camera if source == "mqtt" else FolderCamera(cfg.camera.folder, cfg.camera.fps)
-        running = RunningBox(cfg, engine, link, camera)
+        running = RunningBox(cfg, engine, link, camera, commands)
         if store_vectors:
             with running.store.command():
                 for name, vectors in store_vectors.items():

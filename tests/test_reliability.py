@@ -70,44 +70,6 @@ def report(name: str, trials: int, failures: int, **extra) -> None:
 
 # --- fixtures -------------------------------------------------------------------------------------
 
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path / "broker").start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture
-def watchers():
-    made = []
-
-    def make(broker, topics=(f"{PREFIX}/#",), **kw):
-        w = Watcher(broker, topics=topics, **kw)
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        try:
-            w.close()
-        except Exception:
-            pass
-
-
-@pytest.fixture
-def daemons():
-    made = []
-
-    def make(config, log=None, **kw):
-        d = EdgeDaemon(config, log or Path(config).parent / f"daemon{len(made)}.log", **kw)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.close()
-
-
 def online_after(w, mark, timeout=90) -> int:
     """Wait for the daemon's "online"; the mark just before it (what follows is from this daemon,
     not a retained leftover of an earlier one)."""
@@ -820,9 +782,25 @@ def test_hostile_frames_are_refused_within_a_memory_bound(tmp_path, broker, watc
 
 # --- configs and imports through the real CLI -----------------------------------------------------
 
+# Runs a command and prints its peak RSS. Linux carries the forking process's high-water mark into
+# the child across exec, so the test process (hundreds of MiB) must not fork `edge` itself.
+_PEAK = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(proc.pid, 0)
+sys.stderr.write("\\nPEAK_KIB %d\\n" % usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def edge_cli(*args, cwd=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "edge", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    """`edge ARGS` in a child; the result also carries that child's own peak RSS (`peak_mib`)."""
+    r = subprocess.run([sys.executable, "-c", _PEAK, sys.executable, "-m", "edge", *map(str, args)],
+                       capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    head, _, peak = r.stderr.rpartition("\nPEAK_KIB ")
+    r.stderr, r.peak_mib = head, int(peak) / 1024
+    return r
 
 
 def test_invalid_config_files_give_one_line_and_exit_2_via_the_cli(tmp_path):
@@ -964,7 +942,7 @@ def test_bad_import_files_are_refused_via_the_cli_and_the_store_is_untouched(tmp
         "path into store": (_rezip(good, lambda n, r: r, [("store/knowledge.db", b"x")]), "unexpected members"),
         "zip bomb (vectors inflate to 511 MiB)": (_bomb_export(good), "too large"),
     }
-    failures, problems = 0, []
+    failures, problems, peak_mib = 0, [], 0.0
     for name, (data, message) in cases.items():
         bad = tmp_path / "in" / f"{name.replace(' ', '_').replace('/', '_')}.npz"
         bad.parent.mkdir(exist_ok=True)
@@ -972,6 +950,7 @@ def test_bad_import_files_are_refused_via_the_cli_and_the_store_is_untouched(tmp
         before = tree(store_path)
         outside = set(tmp_path.parent.rglob("*"))
         r = edge_cli("import", bad, "--config", config, cwd=tmp_path)
+        peak_mib = max(peak_mib, r.peak_mib)
         after_outside = set(tmp_path.parent.rglob("*"))
         # The LiteRT runtime prints its own "INFO: Created TensorFlow Lite XNNPACK delegate" banner.
         lines = [x for x in r.stderr.strip().splitlines() if not x.startswith("INFO: Created TensorFlow Lite")]
@@ -980,7 +959,6 @@ def test_bad_import_files_are_refused_via_the_cli_and_the_store_is_untouched(tmp
         if not ok:
             failures += 1
             problems.append(f"{name}: rc={r.returncode} {r.stderr[-400:]!r}")
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024   # the largest `edge import`
     report("import_cli", len(cases), failures, peak_rss_mib=round(peak_mib))
     assert failures == 0, "\n".join(problems)
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path.parent / "escaped.txt").exists()
@@ -1093,14 +1071,14 @@ def test_secrets_never_appear_in_logs_or_retained_messages(tmp_path, watchers, d
 
 # --- camera errors and buttons (in process: the Box with real pins on gpiozero's mock factory) -----
 
-def test_camera_that_raises_or_returns_garbage_recovers_without_restart(tmp_path, engine, clothing):
+def test_camera_that_raises_or_returns_garbage_recovers_without_restart(tmp_path, engine, clothing, mock_factory):
     """A source that raises (its own error, an OSError, a bug) or returns garbage arrays: the box
     shows the fault and carries on, and recovers by itself once frames are good again. A source that
     hangs is covered by tests/test_systemd.py::test_a_hung_camera_read_stops_the_watchdog_pings."""
-    from edge.camera import CameraError, FolderCamera
+    from edge.camera import CameraError, FolderCamera, Retrying
     from test_box import Rig
     trials = count(20, 200, "camera_faults")
-    rig = Rig(tmp_path, engine)
+    rig = Rig(tmp_path, engine, mock_factory)
     rig.show(list_images(clothing / "train" / "shoes")[:3])
     faults = [lambda: (_ for _ in ()).throw(CameraError("camera unplugged")),
               lambda: (_ for _ in ()).throw(OSError(5, "Input/output error")),
@@ -1121,7 +1099,7 @@ def test_camera_that_raises_or_returns_garbage_recovers_without_restart(tmp_path
     rng = random.Random(3)
     failures, problems = 0, []
     try:
-        rig.box.camera = Flaky(rig.cam, fps=30)
+        rig.box.camera = Retrying(Flaky(rig.cam, fps=30))
         assert wait_for_frames(rig, 3)
         for trial in range(trials):
             plan.extend(rng.choice(faults) for _ in range(rng.randrange(1, 4)))
@@ -1145,12 +1123,12 @@ def wait_for_frames(rig, n, timeout=30):
 
 
 
-def test_bouncing_and_simultaneous_buttons(tmp_path, engine, clothing):
+def test_bouncing_and_simultaneous_buttons(tmp_path, engine, clothing, mock_factory):
     """Mock pins toggled far faster than a finger (contact bounce), every button at once, and a
     button held through a restart (that one: tests/test_box.py::test_button_held_through_restart_...)."""
     from test_box import PINS, Rig
     rounds = count(5, 50, "button_bounce")
-    rig = Rig(tmp_path, engine)
+    rig = Rig(tmp_path, engine, mock_factory)
     rig.show(list_images(clothing / "train" / "shoes"))
     rng = random.Random(11)
     failures, problems = 0, []

@@ -258,20 +258,21 @@ class Daemon:
 
 
 @pytest.fixture
-def daemons():
-    started = []
-    yield started
-    for daemon in started:
+def started():
+    """Daemons of this module (driven through the notify socket), closed at teardown."""
+    daemons = []
+    yield daemons
+    for daemon in daemons:
         daemon.close()
 
 
 @pytest.mark.slow
-def test_daemon_is_ready_feeds_the_watchdog_and_stops_cleanly(tmp_path, photos, short_dir, daemons):
+def test_daemon_is_ready_feeds_the_watchdog_and_stops_cleanly(tmp_path, photos, short_dir, started):
     listener = NotifyListener(str(short_dir / "notify"))
     config = write_config(tmp_path, photos)
     daemon = Daemon([sys.executable, "-m", "edge", "run", "--config", str(config), "--simulate", "--no-keys"],
                     listener, tmp_path)
-    daemons.append(daemon)
+    started.append(daemon)
     try:
         ready = listener.wait_for("READY=1", 90, "after start")
         first = listener.messages[0][1].split("\n")
@@ -286,6 +287,11 @@ def test_daemon_is_ready_feeds_the_watchdog_and_stops_cleanly(tmp_path, photos, 
         assert daemon.proc.poll() is None
         assert ready < pings[0]
 
+        daemon.proc.send_signal(signal.SIGHUP)          # `systemctl reload` or a closed terminal
+        after_hup = listener.receive(1.5)
+        assert daemon.proc.poll() is None, "SIGHUP must not kill the box"
+        assert any(text == "WATCHDOG=1" for _, text in after_hup), "the loop goes on after SIGHUP"
+
         daemon.proc.send_signal(signal.SIGTERM)
         listener.wait_for("STOPPING=1", 20, "after SIGTERM")
         assert daemon.proc.wait(20) == 0
@@ -295,6 +301,7 @@ def test_daemon_is_ready_feeds_the_watchdog_and_stops_cleanly(tmp_path, photos, 
     finally:
         listener.close()
     assert "stopped cleanly" in daemon.log()
+    assert "SIGHUP: the box does not reload its config" in daemon.log()
 
 
 # The camera's read() never returns once the trigger file exists, like a camera driver that stops
@@ -316,7 +323,7 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.mark.slow
-def test_a_hung_camera_read_stops_the_watchdog_pings(tmp_path, photos, short_dir, daemons):
+def test_a_hung_camera_read_stops_the_watchdog_pings(tmp_path, photos, short_dir, started):
     """What makes systemd (WatchdogSec=) kill and restart a box whose camera hangs.
 
     A FIFO named x.jpg does not do it: the folder camera lists regular files only, so it is
@@ -328,7 +335,7 @@ def test_a_hung_camera_read_stops_the_watchdog_pings(tmp_path, photos, short_dir
     daemon = Daemon([sys.executable, "-c", HANGING_CAMERA, str(trigger),
                      "run", "--config", str(config), "--simulate", "--no-keys"],
                     listener, tmp_path, env={"PYTHONFAULTHANDLER": "1"})
-    daemons.append(daemon)
+    started.append(daemon)
     try:
         listener.wait_for("READY=1", 90, "after start")
         for _ in range(3):
@@ -402,6 +409,29 @@ def test_unit_declares_notify_watchdog_restart_and_user():
     assert {"char-gpiochip", "char-video4linux", "char-media", "char-dma_heap"} <= allowed
     assert set(one[("Service", "RestrictAddressFamilies")].split()) >= {"AF_UNIX", "AF_INET", "AF_INET6"}
     assert "PYTHONUNBUFFERED=1" in [v for s, k, v in settings if k == "Environment"]
+    assert one[("Service", "UMask")] == "0027" and one[("Service", "StateDirectoryMode")] == "0750"
+
+
+def test_under_the_units_umask_the_store_and_exports_are_not_world_readable(tmp_path):
+    """What the box learned (and its exports) must not be readable by other users of the Pi."""
+    code = """
+import os, sys
+import numpy as np
+from pathlib import Path
+from edge.store import Store
+os.umask(0o027)
+folder = Path(sys.argv[1])
+with Store(folder / "store", "a" * 64, 8) as s:
+    with s.command():
+        s.add_class("A")
+        s.add_samples("A", np.ones((2, 8), np.float32), "button", s.new_burst())
+    s.export(folder / "out.edge")
+"""
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)
+    made = [p for p in tmp_path.rglob("*")]
+    assert any(p.name == "out.edge" for p in made) and any(p.name == "knowledge.db" for p in made)
+    loose = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in made if p.stat().st_mode & 0o007}
+    assert loose == {}, loose
 
 
 def test_unit_execstart_is_a_valid_edge_command_line():

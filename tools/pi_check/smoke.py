@@ -194,13 +194,13 @@ def check_config(repo: Path) -> dict:
 
 def check_panel(cfg) -> dict:
     """The box's buttons and LEDs on gpiozero's mock pins: press a button, light an LED."""
-    from edge.panel import Panel, gpio_available, use_mock_pins
+    from edge.panel import Panel, gpio_available, mock_pins
 
     real = gpio_available()
-    factory = use_mock_pins()
+    factory = mock_pins()
     presses = []
     panel = Panel(cfg.classes, cfg.function_button, cfg.status_led, send=presses.append,
-                  pwm=cfg.led_pwm)
+                  pwm=cfg.led_pwm, pin_factory=factory)
     try:
         first = cfg.classes[0]
         panel.show(first.name)
