@@ -56,8 +56,10 @@ class MqttCamera(Camera):
 
     name = "mqtt"
 
-    def __init__(self, depth: int = 4, wait: float = 0.2, max_bytes: int = FRAME_MAX_BYTES):
+    def __init__(self, depth: int = 4, wait: float = 0.2, max_bytes: int = FRAME_MAX_BYTES,
+                 min_side: int = 224):
         self.wait = wait
+        self.min_side = min_side      # decode reduced to near the model's input (edge.image)
         self.max_bytes = max_bytes
         self.dropped = 0
         self._frames: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
@@ -88,7 +90,7 @@ class MqttCamera(Camera):
             raise ImageError(f"frame of {item} bytes is larger than the limit of {self.max_bytes} bytes")
         if not (item.startswith(JPEG_MAGIC) or item.startswith(PNG_MAGIC)):
             raise ImageError(f"frame of {len(item)} bytes is not a JPEG or PNG image")
-        return np.asarray(load_image(io.BytesIO(item)))
+        return np.asarray(load_image(io.BytesIO(item), min_side=self.min_side))
 
     def pending(self) -> int:
         return self._frames.qsize()
@@ -129,12 +131,13 @@ class MqttLink(Outputs):
     CLOSE_TIMEOUT = 2.0           # seconds to get "offline" out on a clean stop
 
     def __init__(self, cfg, device_id: str, submit: Callable[[Command], None],
-                 frame_source: bool = False, client_factory: Optional[Callable[[str], Any]] = None):
+                 frame_source: bool = False, client_factory: Optional[Callable[[str], Any]] = None,
+                 frame_size: int = 224):
         self.cfg = cfg
         self.device_id = device_id
         self.prefix = cfg.prefix or f"edge/{device_id}"
         self.client_id = cfg.client_id or f"edge-{device_id}"
-        self.camera: Optional[MqttCamera] = MqttCamera() if frame_source else None
+        self.camera: Optional[MqttCamera] = MqttCamera(min_side=frame_size) if frame_source else None
         self.connected = False
         self.dropped = 0
         self._submit = submit
