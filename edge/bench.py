@@ -81,6 +81,7 @@ def cpu_info() -> dict:
 
 def run_bench(model: Optional[str] = None, threads: Optional[int] = None, runs: int = 200) -> dict:
     """int8/float32 invoke ratio, preprocessing/invoke ratio, and engine memory."""
+    from edge.camera import isp_size
     from edge.engine import DEFAULT_MODEL, FLOAT_MODEL, Embedder
     from edge.image import prepare
 
@@ -89,8 +90,11 @@ def run_bench(model: Optional[str] = None, threads: Optional[int] = None, runs: 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (int8.size, int8.size, 3), dtype=np.uint8)
     frame = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    w, h = isp_size(640, 480, int8.size)    # what the Pi camera and the webcam now deliver
+    source = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     fns = {"int8_invoke_ms": lambda: int8.invoke(x),
-           "preprocess_640x480_ms": lambda: prepare(frame, int8.size)}
+           "preprocess_640x480_ms": lambda: prepare(frame, int8.size),
+           f"preprocess_{w}x{h}_ms": lambda: prepare(source, int8.size)}
     if FLOAT_MODEL.exists() and int8.size == 224:
         fp32 = Embedder(FLOAT_MODEL, threads=threads)
         fns["float32_invoke_ms"] = lambda: fp32.invoke(x)
@@ -102,5 +106,6 @@ def run_bench(model: Optional[str] = None, threads: Optional[int] = None, runs: 
     if "float32_invoke_ms" in ms:
         result["int8_over_float32"] = round(ms["int8_invoke_ms"] / ms["float32_invoke_ms"], 3)
     result["preprocess_over_int8_invoke"] = round(ms["preprocess_640x480_ms"] / ms["int8_invoke_ms"], 3)
+    result[f"preprocess_{w}x{h}_over_int8_invoke"] = round(ms[f"preprocess_{w}x{h}_ms"] / ms["int8_invoke_ms"], 3)
     result.update(engine_rss_mb(model_path, threads))
     return result
