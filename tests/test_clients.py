@@ -229,3 +229,183 @@ def test_docs_node_red_flow_in_a_real_node_red(tmp_path, broker, nodered_box, ho
     finally:
         red.close()
         watcher.close()
+
+
+# --- Home Assistant --------------------------------------------------------------------------------
+
+def documented_discovery_fields() -> dict:
+    """{field: type} from the field table of docs/mqtt.md's Home Assistant section."""
+    text = DOCS.read_text()
+    section = text[text.index("\n## Home Assistant\n"):text.index("\n## Cost\n")]
+    table = section[section.index("| Field | Type |"):]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[1]
+    return rows
+
+
+def render(template: str, payload: str) -> str:
+    """A Home Assistant MQTT value template rendered as HA does: `value` is the payload text,
+    `value_json` its JSON (when it is JSON)."""
+    import jinja2.sandbox
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment()
+    try:
+        value_json = json.loads(payload)
+    except ValueError:
+        value_json = None
+    return env.from_string(template).render(value=payload, value_json=value_json).strip()
+
+
+@pytest.fixture
+def ha_link(broker):
+    import dataclasses
+    from edge.config import MqttConfig
+    cfg = MqttConfig(enabled=True, host="127.0.0.1", port=broker.port, prefix="edge/edge-1",
+                     client_id="edge-ha-test", homeassistant=True, username="box", password=PASSWORD)
+    link = MqttLink(dataclasses.replace(cfg), "edge-1", lambda cmd: None)
+    link.start()
+    wait_until(lambda: link.connected, what="connect")
+    yield link
+    link.close()
+
+
+def _decision(label, confidence, changed=False, frame=1):
+    import time
+    from edge.commands import Decision
+    return Decision(label=label, index=0 if label != "unknown" else -1, confidence=confidence,
+                    scores={}, ts=time.time(), frame=frame, changed=changed)
+
+
+def test_home_assistant_discovery_uses_only_documented_fields(broker, ha_link):
+    fields = documented_discovery_fields()
+    assert {"state_topic", "device", "unique_id"} <= set(fields)
+    watcher = Watcher(broker, topics=("homeassistant/#",), username="scratch", password=PASSWORD)
+    try:
+        configs = {t: json.loads(watcher.wait(t).payload) for t in (
+            "homeassistant/sensor/edge-1/label/config", "homeassistant/sensor/edge-1/confidence/config")}
+    finally:
+        watcher.close()
+    for topic, config in configs.items():
+        undocumented = set(config) - set(fields)
+        assert not undocumented, (topic, undocumented)
+        for key, value in config.items():
+            kind = fields[key]
+            if kind in ("text", "topic", "template"):
+                assert isinstance(value, str) and value, (key, value)
+            elif kind == "int":
+                assert isinstance(value, int), (key, value)
+            elif kind == "object":
+                assert set(value) == {"identifiers", "name", "model", "manufacturer", "sw_version"}
+                assert isinstance(value["identifiers"], list) and value["identifiers"]
+            elif kind.startswith("`mdi:"):
+                assert value.startswith("mdi:")
+            else:
+                assert value == kind.strip("`"), (key, value)
+        assert config["state_topic"].startswith("edge/edge-1/")
+        assert config["availability_topic"] == "edge/edge-1/status"
+
+
+def test_home_assistant_sees_nothing_instead_of_unknown(broker, ha_link):
+    label = ha_link.discovery()["homeassistant/sensor/edge-1/label/config"]
+    assert render(label["value_template"], "unknown") == "nothing"
+    assert render(label["value_template"], "hat") == "hat"
+    assert render(label["value_template"], "Unknown hat") == "Unknown hat"
+    # The box's own label topic keeps "unknown" (the contract for everything else).
+    watcher = Watcher(broker, topics=("edge/edge-1/label",), username="scratch", password=PASSWORD)
+    try:
+        assert watcher.wait("edge/edge-1/label").payload == b"unknown"
+    finally:
+        watcher.close()
+
+
+def test_home_assistant_confidence_is_rounded_and_rate_limited(broker, ha_link, monkeypatch):
+    import time
+    import edge.mqtt as mqtt
+    monkeypatch.setattr(mqtt, "HA_CONFIDENCE_PERIOD", 0.6)
+    watcher = Watcher(broker, topics=("edge/edge-1/confidence", "edge/edge-1/prediction"),
+                      username="scratch", password=PASSWORD)
+    try:
+        rng = __import__("random").Random(3)
+        ha_link.decision(_decision("hat", 0.81, changed=True, frame=0))
+        start = time.monotonic()
+        frame = 1
+        while time.monotonic() - start < 2.0:           # 20 decisions a second, jittering
+            ha_link.decision(_decision("hat", 0.6 + rng.random() * 0.3, frame=frame))
+            frame += 1
+            time.sleep(0.05)
+        ha_link.decision(_decision("unknown", 0.0, changed=True, frame=frame))   # label change: at once
+        wait_until(lambda: watcher.payloads("edge/edge-1/confidence")[-1:] == ["0"], what="the label change")
+        elapsed = time.monotonic() - start
+        values = watcher.payloads("edge/edge-1/confidence")
+        assert values[0] == "80"                        # 0.81 -> whole percent in steps of 5
+        assert all(int(v) % 5 == 0 and 0 <= int(v) <= 100 for v in values)
+        assert len(values) <= elapsed / 0.6 + 2, values  # one per period, plus the two changes
+        assert len(values) * 5 < frame                   # of ~40 decisions, a handful reach HA
+        assert len(watcher.on("edge/edge-1/prediction")) > len(values)
+        # Every value the renderer would show is the payload itself (no template needed).
+        conf = ha_link.discovery()["homeassistant/sensor/edge-1/confidence/config"]
+        assert "value_template" not in conf and conf["state_topic"] == "edge/edge-1/confidence"
+        late = Watcher(broker, topics=("edge/edge-1/confidence",), username="scratch", password=PASSWORD)
+        assert late.wait("edge/edge-1/confidence").retain
+        late.close()
+    finally:
+        watcher.close()
+
+
+def test_docs_automations_are_valid_yaml_in_both_forms():
+    import yaml
+    new, old = (yaml.safe_load(docs_block("Home Assistant", "yaml", i))["automation"][0] for i in (0, 1))
+    assert new["triggers"][0]["trigger"] == "state" and new["actions"][0]["action"] == "light.turn_on"
+    assert old["trigger"][0]["platform"] == "state" and old["action"][0]["service"] == "light.turn_on"
+    assert new["triggers"][0]["to"] == old["trigger"][0]["to"]
+
+
+# --- pictures over MQTT: what a client sending pictures sees ----------------------------------------
+
+def test_mqtt_camera_box_says_its_label_at_start_and_answers_each_picture_alone(
+        tmp_path, engine, clothing, broker):
+    """A fresh MQTT-camera box publishes `label` (retained, once) before any picture; with the
+    default smoothing, a shoe photo after many hat photos is still answered "shoes"."""
+    from edge.image import load_image
+    cfg = parse_config({
+        "device_id": "camerabox", "classes": [{"name": "hat"}, {"name": "shoes"}], "function_button": None,
+        "status_led": None, "camera": {"source": "mqtt"}, "store": {"path": str(tmp_path / "store")},
+        "mqtt": {"enabled": True, "host": "127.0.0.1", "port": broker.port, "username": "box",
+                 "password": PASSWORD, "client_id": "edge-camerabox"},
+    }, base=tmp_path)
+    assert cfg.head.smoothing > 1                       # the default smooths over 5 frames
+    watcher = Watcher(broker, topics=("edge/camerabox/#",), username="scratch", password=PASSWORD)
+    holder = {}
+    link = MqttLink(cfg.mqtt, cfg.device_id, lambda cmd: holder["box"].box.submit(cmd), frame_source=True)
+    running = RunningBox(cfg, engine, link, link.camera)
+    holder["box"] = running
+    vectors = {name: __import__("numpy").stack([engine.embed(load_image(p)) for p in
+                                                list_images(clothing / "train" / name)[:8]])
+               for name in ("hat", "shoes")}
+    with running.store.command():
+        for name, v in vectors.items():
+            running.store.add_samples(name, v, "mqtt", running.store.new_burst())
+    running.box._refit()
+    running.start()
+    try:
+        wait_until(lambda: watcher.payloads("edge/camerabox/status") == ["online"], what="online")
+        label = watcher.wait("edge/camerabox/label")
+        assert label.payload == b"unknown" and not watcher.on("edge/camerabox/prediction")
+        import time
+        time.sleep(0.5)
+        assert watcher.payloads("edge/camerabox/label") == ["unknown"]      # once, not repeated
+        hats = list_images(clothing / "test" / "hat")[:6]
+        shoe = list_images(clothing / "test" / "shoes")[0]
+        answers = []
+        for photo in hats + [shoe]:
+            mark = watcher.mark()
+            watcher.publish("edge/camerabox/camera/frame", photo.read_bytes())
+            answers.append(json.loads(watcher.wait("edge/camerabox/prediction", after=mark, timeout=20).payload))
+        assert [a["label"] for a in answers[:-1]].count("hat") >= 5, answers
+        assert answers[-1]["label"] == "shoes", answers[-1]
+    finally:
+        running.stop()
+        watcher.close()
