@@ -1,7 +1,7 @@
 """Box benchmarks, reported as ratios measured in one run (see benchmarks/README.md).
 
   speed: frame to decision (preprocess + invoke + head + smoothing + LED update) / bare invoke(),
-         and head prediction with 5,000 stored samples / invoke().
+         with all cores unless --threads, and head prediction with 5,000 stored samples / invoke().
   soak:  resident memory and threads of the real daemon (`edge run`, simulated pins, folder
          camera) sampled over a run of --minutes.
 """
@@ -36,14 +36,21 @@ def datasets() -> Path:
 
 
 def speed(runs: int, threads) -> dict:
+    """Frame to decision / bare invoke, for the frames the sources now deliver (the Pi camera's
+    ISP and the webcam ask for isp_size(640, 480, 224) = 320x224; folder and MQTT pictures are
+    decoded reduced to about that) and, for comparison, for full 640x480 frames."""
     from edge.app import Box
+    from edge.bench import cpu_info
+    from edge.camera import isp_size
     from edge.config import parse_config
     from edge.panel import Panel, mock_pins
     from edge.store import Store
 
     engine = Embedder(DEFAULT_MODEL, threads=threads)
-    photos = [load_image(p).resize((640, 480)) for p in list_images(datasets() / "clothing-small" / "test" / "shoes")[:8]]
-    frames = [np.asarray(p) for p in photos]
+    photos = [load_image(p) for p in list_images(datasets() / "clothing-small" / "test" / "shoes")[:8]]
+    small = isp_size(640, 480, engine.size)
+    frames = {"source": [np.asarray(p.resize(small)) for p in photos],
+              "640x480": [np.asarray(p.resize((640, 480))) for p in photos]}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_config({"store": {"path": f"{tmp}/store"}, "camera": {"source": "folder"}}, base=Path(tmp))
         store = Store(cfg.store.path, engine.model_id, engine.dim)
@@ -57,12 +64,14 @@ def speed(runs: int, threads) -> dict:
                 store.add_samples(name, np.abs(rng.normal(0, 1, (60, engine.dim))).astype(np.float32), "import",
                                   store.new_burst())
         box._refit()
-        x = engine.prepare(frames[0])
+        x = engine.prepare(frames["source"][0])
         i = [0]
 
-        def frame_to_decision():
-            i[0] += 1
-            box.process(engine.embed(frames[i[0] % len(frames)]))
+        def frame_to_decision(kind):
+            def run():
+                i[0] += 1
+                box.process(engine.embed(frames[kind][i[0] % len(photos)]))
+            return run
 
         big = Head()
         big.set_samples({f"c{k}": np.abs(rng.normal(0, 1, (500, engine.dim))).astype(np.float32)
@@ -72,14 +81,20 @@ def speed(runs: int, threads) -> dict:
         refit_ms = (time.perf_counter() - t0) * 1000
         vec = engine.invoke(x)
         ms = interleaved({"invoke_ms": lambda: engine.invoke(x),
-                          "frame_to_decision_ms": frame_to_decision,
-                          "head_5000_ms": lambda: big.evaluate(vec)}, runs)
+                          "frame_to_decision_ms": frame_to_decision("source"),
+                          "frame_640x480_to_decision_ms": frame_to_decision("640x480"),
+                          "preprocess_ms": lambda: engine.prepare(frames["source"][i[0] % len(photos)]),
+                          "decision_ms": lambda: box.process(vec),
+                          "head_5000_ms": lambda: big.evaluate(vec)}, runs, blocks=20)
         panel.close()
         store.close()
     return {
-        "threads": threads or os.cpu_count(),
+        "threads": engine.threads,
+        **cpu_info(),
+        "source_frame": f"{small[0]}x{small[1]}",
         **{k: round(v, 3) for k, v in ms.items()},
         "frame_to_decision_over_invoke": round(ms["frame_to_decision_ms"] / ms["invoke_ms"], 3),
+        "frame_640x480_to_decision_over_invoke": round(ms["frame_640x480_to_decision_ms"] / ms["invoke_ms"], 3),
         "head_5000_over_invoke": round(ms["head_5000_ms"] / ms["invoke_ms"], 4),
         "head_5000_refit_ms": round(refit_ms, 1),
     }

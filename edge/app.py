@@ -836,7 +836,8 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
         link = None
         if cfg.mqtt.enabled:
             from edge.mqtt import MqttLink
-            link = MqttLink(cfg.mqtt, cfg.device_id, commands.put, frame_source=cfg.camera.source == "mqtt")
+            link = MqttLink(cfg.mqtt, cfg.device_id, commands.put, frame_source=cfg.camera.source == "mqtt",
+                            frame_size=engine.size)
             outputs.append(link)
         camera = link.camera if link is not None and link.camera is not None else \
             make_camera(cfg.camera, demo_folder=_demo_folder(), model_size=engine.size)

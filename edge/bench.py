@@ -53,8 +53,35 @@ def engine_rss_mb(model: Path, threads: Optional[int]) -> dict:
     return {"rss_after_load_mb": round(data["VmRSS"], 1), "peak_rss_mb": round(data["VmHWM"], 1)}
 
 
+# CPU features that decide how fast int8 runs: x86 VNNI, ARM dot product / int8 matrix multiply.
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+def cpu_info() -> dict:
+    """The processor's model name and its int8 dot-product flags (/proc/cpuinfo; Linux only)."""
+    model, flags = "unknown", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and model == "unknown":
+            model = value.strip()
+        elif key in ("flags", "features"):
+            flags.update(value.split())
+    if model == "unknown":
+        try:   # ARM boards: /proc/device-tree/model ("Raspberry Pi 4 Model B Rev 1.4")
+            model = Path("/proc/device-tree/model").read_text().strip("\x00\n ")
+        except OSError:
+            pass
+    return {"cpu": model, "int8_flags": " ".join(f for f in INT8_FLAGS if f in flags) or "none"}
+
+
 def run_bench(model: Optional[str] = None, threads: Optional[int] = None, runs: int = 200) -> dict:
     """int8/float32 invoke ratio, preprocessing/invoke ratio, and engine memory."""
+    from edge.camera import isp_size
     from edge.engine import DEFAULT_MODEL, FLOAT_MODEL, Embedder
     from edge.image import prepare
 
@@ -63,17 +90,22 @@ def run_bench(model: Optional[str] = None, threads: Optional[int] = None, runs: 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (int8.size, int8.size, 3), dtype=np.uint8)
     frame = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    w, h = isp_size(640, 480, int8.size)    # what the Pi camera and the webcam now deliver
+    source = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     fns = {"int8_invoke_ms": lambda: int8.invoke(x),
-           "preprocess_640x480_ms": lambda: prepare(frame, int8.size)}
+           "preprocess_640x480_ms": lambda: prepare(frame, int8.size),
+           f"preprocess_{w}x{h}_ms": lambda: prepare(source, int8.size)}
     if FLOAT_MODEL.exists() and int8.size == 224:
         fp32 = Embedder(FLOAT_MODEL, threads=threads)
         fns["float32_invoke_ms"] = lambda: fp32.invoke(x)
     ms = interleaved(fns, runs)
     result = {"model": model_path.name, "backend": int8.info.backend,
-              "threads": threads if threads else os.cpu_count(), "cpus": os.cpu_count()}
+              "threads": int8.threads, "cpus": os.cpu_count()}
+    result.update(cpu_info())
     result.update({k: round(v, 3) for k, v in ms.items()})
     if "float32_invoke_ms" in ms:
         result["int8_over_float32"] = round(ms["int8_invoke_ms"] / ms["float32_invoke_ms"], 3)
     result["preprocess_over_int8_invoke"] = round(ms["preprocess_640x480_ms"] / ms["int8_invoke_ms"], 3)
+    result[f"preprocess_{w}x{h}_over_int8_invoke"] = round(ms[f"preprocess_{w}x{h}_ms"] / ms["int8_invoke_ms"], 3)
     result.update(engine_rss_mb(model_path, threads))
     return result

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from edge.image import ImageError, list_images, load_image
+from edge.image import ImageError, list_images, load_image, shrink_frame
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +64,21 @@ class FolderCamera(Camera):
     The folder is listed again for every frame, so a demo or a test changes what the camera
     "sees" by changing the folder's contents. A folder of folders is a set of scenes: the camera
     shows one scene at a time and `next_scene()` moves on (the simulator's keys do).
+    Images are decoded reduced to near `model_size` (a folder of 4000x3000 phone photos costs
+    a few hundred kB per picture, not 36 MB), and the cache of decoded frames is bounded in bytes.
     """
 
     name = "folder"
+    CACHE_BYTES = 32 << 20
 
-    def __init__(self, folder: Path, fps: float = 10.0):
+    def __init__(self, folder: Path, fps: float = 10.0, model_size: int = 224):
         self.folder = Path(folder)
         self.pacer = Pacer(fps)
+        self.model_size = model_size
         self.scene = 0
         self._index = 0
         self._cache: dict = {}
+        self._cached_bytes = 0
 
     def open(self) -> None:
         if not self.folder.is_dir():
@@ -115,10 +120,12 @@ class FolderCamera(Camera):
             key = (path, stat.st_mtime_ns, stat.st_size)
             frame = self._cache.get(key)
             if frame is None:
-                frame = np.asarray(load_image(path))
-                if len(self._cache) > 256:
+                frame = np.asarray(load_image(path, min_side=self.model_size))
+                if self._cached_bytes + frame.nbytes > self.CACHE_BYTES:
                     self._cache.clear()
+                    self._cached_bytes = 0
                 self._cache[key] = frame
+                self._cached_bytes += frame.nbytes
             return frame
         except (OSError, ImageError) as exc:
             raise CameraError(f"camera folder image unreadable: {exc}") from None
@@ -175,12 +182,19 @@ class Picamera2Camera(Camera):
 
 
 class WebcamCamera(Camera):
-    """A USB webcam through OpenCV (the `webcam` extra)."""
+    """A USB webcam through OpenCV (the `webcam` extra).
+
+    It asks the camera for the smallest frame of the configured aspect ratio that covers the
+    model input (as the Pi camera path does); a camera that only offers larger modes still
+    sends larger frames, which are then box-averaged down before anything else touches them.
+    """
 
     name = "webcam"
 
-    def __init__(self, device: int, width: int, height: int, fps: float):
+    def __init__(self, device: int, width: int, height: int, fps: float, model_size: int = 224):
         self.device, self.width, self.height, self.fps = device, width, height, fps
+        self.model_size = model_size
+        self.size = isp_size(int(width), int(height), model_size)
         self._cap = None
 
     def open(self) -> None:
@@ -191,8 +205,8 @@ class WebcamCamera(Camera):
         cap = cv2.VideoCapture(self.device)
         if not cap.isOpened():
             raise CameraError(f"no webcam at index {self.device}")
-        cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
-        cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.height)
+        cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.size[0])
+        cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.size[1])
         cap.set(cv2.CAP_PROP_FPS, self.fps)
         self._cap = cap
 
@@ -201,7 +215,7 @@ class WebcamCamera(Camera):
         ok, frame = (False, None) if self._cap is None else self._cap.read()
         if not ok or frame is None:
             raise CameraError(f"webcam {self.device} returned no frame")
-        return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        return cv2.cvtColor(shrink_frame(frame, self.model_size), cv2.COLOR_BGR2RGB)
 
     def close(self) -> None:
         cap, self._cap = self._cap, None
@@ -318,10 +332,10 @@ def make_camera(cfg, demo_folder: Optional[Path] = None, model_size: int = 224) 
     if source == "picamera2":
         return Picamera2Camera(cfg.width, cfg.height, cfg.fps, model_size)
     if source == "webcam":
-        return WebcamCamera(cfg.device, cfg.width, cfg.height, cfg.fps)
+        return WebcamCamera(cfg.device, cfg.width, cfg.height, cfg.fps, model_size)
     if source == "folder":
         folder = cfg.folder or demo_folder
         if folder is None:
             raise CameraError("camera.source is folder but camera.folder is not set")
-        return FolderCamera(folder, cfg.fps)
+        return FolderCamera(folder, cfg.fps, model_size)
     raise CameraError(f"camera source {source!r} is not available here")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -29,6 +30,19 @@ VARIANTS = {
 }
 DEFAULT_MODEL = MODELS_DIR / VARIANTS["224"]
 FLOAT_MODEL = MODELS_DIR / "mobilenet_v2_1.0_224_float32.tflite"
+
+
+def all_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. under taskset or a cgroup)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):          # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(threads: Optional[int]) -> int:
+    """Interpreter threads: None means all cores (LiteRT itself would start only one)."""
+    return all_cores() if threads is None else int(threads)
 
 
 class ModelError(RuntimeError):
@@ -69,6 +83,7 @@ class Embedder:
     no default delegate) or "reference" (slow portable kernels, used under qemu emulation where
     the optimized ARM kernels crash). `input_range` is used only for float-input models: the
     real value range their input expects (MobileNet and Teachable Machine use -1..1).
+    `threads` None means all cores; `self.threads` is the count really given to the interpreter.
     """
 
     def __init__(self, model_path: Union[str, Path], threads: Optional[int] = None,
@@ -80,12 +95,13 @@ class Embedder:
         self.mirror = mirror
         content = _read_model(self.path)
         self.model_id = hashlib.sha256(content).hexdigest()
+        self.threads = resolve_threads(threads)
         backend, backend_name = _load_backend()
         resolver = {"auto": backend.OpResolverType.AUTO,
                     "builtin": backend.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
                     "reference": backend.OpResolverType.BUILTIN_REF}[kernels]
         try:
-            self._interp = backend.Interpreter(model_content=content, num_threads=threads,
+            self._interp = backend.Interpreter(model_content=content, num_threads=self.threads,
                                                experimental_op_resolver_type=resolver)
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:

@@ -43,6 +43,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 CommandInvalid = commands.CommandInvalid
 
+# Home Assistant: the label it shows for "none of the classes" (its own "unknown" means "no
+# value"), and how finely and how often the confidence sensor changes (HA records every change).
+HA_NOTHING = "nothing"
+HA_CONFIDENCE_STEP = 5          # percent
+HA_CONFIDENCE_PERIOD = 10.0     # seconds between two values, unless the label changed
+
 
 # --- frames over MQTT -----------------------------------------------------------------------------
 
@@ -56,8 +62,10 @@ class MqttCamera(Camera):
 
     name = "mqtt"
 
-    def __init__(self, depth: int = 4, wait: float = 0.2, max_bytes: int = FRAME_MAX_BYTES):
+    def __init__(self, depth: int = 4, wait: float = 0.2, max_bytes: int = FRAME_MAX_BYTES,
+                 min_side: int = 224):
         self.wait = wait
+        self.min_side = min_side      # decode reduced to near the model's input (edge.image)
         self.max_bytes = max_bytes
         self.dropped = 0
         self._frames: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
@@ -88,7 +96,7 @@ class MqttCamera(Camera):
             raise ImageError(f"frame of {item} bytes is larger than the limit of {self.max_bytes} bytes")
         if not (item.startswith(JPEG_MAGIC) or item.startswith(PNG_MAGIC)):
             raise ImageError(f"frame of {len(item)} bytes is not a JPEG or PNG image")
-        return np.asarray(load_image(io.BytesIO(item)))
+        return np.asarray(load_image(io.BytesIO(item), min_side=self.min_side))
 
     def pending(self) -> int:
         return self._frames.qsize()
@@ -129,12 +137,13 @@ class MqttLink(Outputs):
     CLOSE_TIMEOUT = 2.0           # seconds to get "offline" out on a clean stop
 
     def __init__(self, cfg, device_id: str, submit: Callable[[Command], None],
-                 frame_source: bool = False, client_factory: Optional[Callable[[str], Any]] = None):
+                 frame_source: bool = False, client_factory: Optional[Callable[[str], Any]] = None,
+                 frame_size: int = 224):
         self.cfg = cfg
         self.device_id = device_id
         self.prefix = cfg.prefix or f"edge/{device_id}"
         self.client_id = cfg.client_id or f"edge-{device_id}"
-        self.camera: Optional[MqttCamera] = MqttCamera() if frame_source else None
+        self.camera: Optional[MqttCamera] = MqttCamera(min_side=frame_size) if frame_source else None
         self.connected = False
         self.dropped = 0
         self._submit = submit
@@ -151,6 +160,8 @@ class MqttLink(Outputs):
         self.max_packet = (FRAME_MAX_BYTES if frame_source else COMMAND_MAX_BYTES) + PACKET_SLACK
         self._interval = 1.0 / cfg.rate
         self._last_prediction = -math.inf
+        self._ha_confidence: Optional[int] = None     # the last value sent for Home Assistant
+        self._ha_confidence_at = -math.inf
         self._dropping = False
         self._closed = False
         self._off = False             # MQTT turned off, or the client could not be set up
@@ -234,6 +245,8 @@ class MqttLink(Outputs):
                 self._label = d.label
                 self._publish(self.topic("label"), d.label, qos=0, retain=True)
             now = time.monotonic()
+            if self.cfg.homeassistant:
+                self._confidence_for_ha(d, now)
             # 10% slack so frames arriving just under the interval do not halve the rate.
             if self.camera is None and not d.changed and now - self._last_prediction < self._interval * 0.9:
                 return
@@ -444,13 +457,28 @@ class MqttLink(Outputs):
                        "sw_version": __version__},
         }
         return {
+            # HA treats the state "unknown" as "no value", so "none of the classes" shows as
+            # HA_NOTHING there; the box's own topic keeps "unknown".
             f"{node}/label/config": dict(common, name="Label", unique_id=f"{uid}_label",
-                                         state_topic=self.topic("label"), icon="mdi:eye"),
+                                         state_topic=self.topic("label"), icon="mdi:eye",
+                                         value_template=f"{{{{ '{HA_NOTHING}' if value == 'unknown' else value }}}}"),
             f"{node}/confidence/config": dict(common, name="Confidence", unique_id=f"{uid}_confidence",
-                                              state_topic=self.topic("prediction"),
-                                              value_template="{{ (value_json.confidence * 100) | round(0) }}",
-                                              unit_of_measurement="%", icon="mdi:gauge"),
+                                              state_topic=self.topic("confidence"),
+                                              unit_of_measurement="%", state_class="measurement",
+                                              suggested_display_precision=0, icon="mdi:gauge"),
         }
+
+    def _confidence_for_ha(self, d: Decision, now: float) -> None:
+        """`<prefix>/confidence` for Home Assistant, which stores every state it is sent: whole
+        percent in steps of HA_CONFIDENCE_STEP, only when that changes, and at most once per
+        HA_CONFIDENCE_PERIOD seconds unless the label changed (retained, so HA has it at once)."""
+        value = int(round(max(0.0, min(1.0, d.confidence)) * 100 / HA_CONFIDENCE_STEP)) * HA_CONFIDENCE_STEP
+        if value == self._ha_confidence:
+            return
+        if not d.changed and now - self._ha_confidence_at < HA_CONFIDENCE_PERIOD:
+            return
+        self._ha_confidence, self._ha_confidence_at = value, now
+        self._publish(self.topic("confidence"), str(value), qos=0, retain=True)
 
     def _send_discovery(self) -> None:
         """(lock held, connected)"""

@@ -3,9 +3,14 @@ watchers, daemons in child processes (`daemons`) and gpiozero mock pins (`mock_f
 
 The photo sets live outside the repo (../shared/datasets, or $EDGE_DATASETS). On a laptop without
 them the tests that need them skip and say why; in CI (CI=true) a missing set is a failure.
+
+In CI, any skip whose reason names something installable (an `apt-get install`, `npm install` or
+`pip install` hint, or "not installed" / "not found") is turned into a failure here, so a skip can
+never hide a missing package where script/test-deps should have installed it.
 """
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,27 @@ from faults_daemon import EdgeDaemon
 from mqtt_broker import Broker, Watcher
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+INSTALLABLE = re.compile(r"\b(apt(-get)? install|npm (install|ci)|pip install|not installed|not found)\b",
+                         re.IGNORECASE)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI a skip for a missing installable requirement is a failure (see the module doc)."""
+    outcome = yield
+    report = outcome.get_result()
+    if not (report.skipped and in_ci()) or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if INSTALLABLE.search(reason):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, but its requirement is installable: {reason}"
 
 
 def _datasets_root() -> Path:

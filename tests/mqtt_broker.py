@@ -71,12 +71,15 @@ class Broker:
     """One mosquitto process with a generated config; `stop()` kills it, `start()` brings it back."""
 
     def __init__(self, folder: Path, users: Optional[dict] = None, tls: Optional[dict] = None,
-                 port: Optional[int] = None):
+                 port: Optional[int] = None, websockets: bool = False):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.users = users
         self.tls = tls
+        # A second listener speaking MQTT over WebSockets (what browsers and Scratch use), with
+        # the same logins: mosquitto's settings are global unless per_listener_settings is on.
+        self.ws_port: Optional[int] = free_port() if websockets else None
         self.proc: Optional[subprocess.Popen] = None
         self.log = self.folder / "mosquitto.log"
         self.conf = self.folder / "mosquitto.conf"
@@ -99,6 +102,8 @@ class Broker:
         if self.tls:
             lines += [f"cafile {self.tls['ca']}", f"certfile {self.tls['cert']}",
                       f"keyfile {self.tls['key']}"]
+        if self.ws_port:
+            lines += [f"listener {self.ws_port} 127.0.0.1", "protocol websockets"]
         self.conf.write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 10.0) -> "Broker":
@@ -110,8 +115,10 @@ class Broker:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mosquitto exited at start: {self.log.read_text()[-2000:]}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
+                for port in (self.port, self.ws_port):
+                    if port:
+                        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return self
             except OSError:
                 time.sleep(0.02)
         self.stop()

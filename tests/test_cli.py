@@ -1,6 +1,7 @@
 """The `edge` command as users run it: a real subprocess, real photos, real model."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -83,6 +84,11 @@ def test_bench_reports_ratios():
     for key in ("int8_invoke_ms", "float32_invoke_ms", "int8_over_float32",
                 "preprocess_over_int8_invoke", "rss_after_load_mb"):
         assert result[key] > 0
+    # The thread count it really used: all cores the process may run on (model.threads: null).
+    assert result["threads"] == len(os.sched_getaffinity(0))
+    assert result["cpu"] and result["int8_flags"]
+    one = edge("bench", "--runs", 5, "--json", "--threads", 1)
+    assert one.returncode == 0 and json.loads(one.stdout)["threads"] == 1
 
 
 def test_no_command_prints_help():

@@ -129,3 +129,30 @@ def test_input_conversion_for_other_model_kinds(engine):
         assert np.allclose(engine.input_tensor(rgb)[0, 0, 0], [-1.0, 128 / 127.5 - 1, 1.0], atol=1e-6)
     finally:
         engine._in_dtype = np.dtype(np.uint8)
+
+
+THREADS_PROBE = """
+import json, os, sys, numpy as np
+from edge.engine import DEFAULT_MODEL, Embedder
+if len(sys.argv) > 1:
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+tasks = lambda: len(os.listdir('/proc/self/task'))
+before = tasks()
+e = Embedder(DEFAULT_MODEL, threads=None)
+e.invoke(np.zeros((e.size, e.size, 3), np.uint8))
+print(json.dumps({"cores": len(os.sched_getaffinity(0)), "threads": e.threads,
+                  "workers": tasks() - before}))
+"""
+
+
+@pytest.mark.parametrize("one_core", [False, True], ids=["all-cores", "pinned-to-one"])
+def test_threads_null_uses_every_core_the_process_may_run_on(one_core):
+    """model.threads: null = all cores (the affinity mask), and the interpreter really starts them:
+    LiteRT's pool adds threads - 1 worker threads to the process."""
+    import json, subprocess, sys
+    args = [sys.executable, "-c", THREADS_PROBE] + (["one"] if one_core else [])
+    out = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
+    assert out["threads"] == out["cores"]
+    assert out["workers"] == out["cores"] - 1
+    if one_core:
+        assert out["cores"] == 1

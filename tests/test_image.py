@@ -95,3 +95,102 @@ def test_real_photo_loads(clothing):
     img = load_image(photo)
     assert img.mode == "RGB" and min(img.size) > 100
     assert prepare(img, 224).shape == (224, 224, 3)
+
+
+# --- decoding at reduced size (issue 9 fault 6, issue 10 section 2) --------------------------------
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _photo(clothing, size):
+    from edge.image import list_images
+    return load_image(list_images(clothing / "test" / "shoes")[0]).resize(size)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P"])
+def test_png_decoded_in_strips_equals_the_whole_decode_reduced(mode, clothing):
+    """The strip decoder gives exactly what a whole decode then one box reduce gives."""
+    img = _photo(clothing, (1500, 1000)).convert(mode)
+    data = _encode(img, "PNG")
+    whole = load_image(io.BytesIO(data))
+    reduced = load_image(io.BytesIO(data), min_side=224)
+    assert reduced.size == (375, 250)                     # 1000 // 224 = 4, several strips
+    assert np.array_equal(np.asarray(reduced), np.asarray(whole.reduce(4)))
+
+
+@pytest.mark.parametrize("fmt,w,h", [("JPEG", 4000, 3000), ("PNG", 3000, 4000), ("PNG", 1920, 1080),
+                                     ("WEBP", 2000, 1500)])
+def test_reduced_decode_keeps_the_same_centre_square(fmt, w, h):
+    """The crop the model sees is the same part of the picture as from the full decode."""
+    data = _encode(Image.fromarray(bars(w, h)), fmt, **({"quality": 95} if fmt != "PNG" else {}))
+    reduced = load_image(io.BytesIO(data), min_side=224)
+    assert min(reduced.size) >= 224 and min(reduced.size) < 2 * 224 + 8
+    assert abs(reduced.width / reduced.height - w / h) < 0.01
+    out = prepare(reduced, 224).astype(int)
+    # Side bands stay out (JPEG ringing and the one reduced pixel at the seam aside).
+    assert np.median(out[:, :, 0]) <= 3 and out[2:-2, 2:-2, 0].max() <= 40
+    assert out[:, :, 1].mean() > 240
+
+
+def test_reduced_decode_embeds_like_the_full_one(engine, clothing):
+    img = _photo(clothing, (4000, 3000))
+    for fmt in ("JPEG", "PNG"):
+        data = _encode(img, fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+        a = engine.embed(load_image(io.BytesIO(data)))
+        b = engine.embed(load_image(io.BytesIO(data), min_side=engine.size))
+        cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+        assert cos > 0.97, (fmt, cos)
+
+
+def test_exif_rotation_survives_the_reduced_decode(clothing):
+    img = _photo(clothing, (2000, 1000))
+    exif = Image.Exif()
+    exif[0x0112] = 6                                        # "rotate 90 clockwise to view"
+    data = _encode(img, "JPEG", exif=exif.tobytes(), quality=95)
+    assert load_image(io.BytesIO(data)).size == (1000, 2000)
+    assert load_image(io.BytesIO(data), min_side=224).size == (250, 500)
+
+
+MEMORY_PROBE = """
+import io, sys, numpy as np
+from PIL import Image
+kind, reduced = sys.argv[1], sys.argv[2] == "1"
+if kind == "png":    # issue 9 fault 6: 131 kB on the wire, 6320x6320
+    data = io.BytesIO(); Image.new("RGB", (6320, 6320), (10, 200, 30)).save(data, "PNG", optimize=True)
+else:                # a phone photo
+    data = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)).resize(
+        (4000, 3000)).save(data, "JPEG", quality=90)
+data = data.getvalue()
+from edge.image import load_image, prepare
+status = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]) // 1024
+open('/proc/self/clear_refs', 'w').write('5')      # reset the peak (VmHWM) to now
+start = status('VmRSS')
+prepare(np.asarray(load_image(io.BytesIO(data), 224 if reduced else None)), 224)
+print(status('VmHWM') - start)
+"""
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+def test_a_huge_image_never_becomes_a_full_size_frame(kind):
+    """Peak memory of decoding one huge picture for the model, reduced vs whole (MiB above the
+    process's resident size before): the whole decode costs the full frame, the reduced one a strip."""
+    import subprocess
+    import sys
+    peak = {r: int(subprocess.run([sys.executable, "-c", MEMORY_PROBE, kind, r], check=True,
+                                  capture_output=True, text=True).stdout) for r in ("0", "1")}
+    full_frame_mib = (6320 * 6320 if kind == "png" else 4000 * 3000) * 3 // 2**20
+    assert peak["0"] >= full_frame_mib                    # the probe does see a full decode
+    assert peak["1"] <= 16, peak
+
+
+def test_a_damaged_large_png_is_a_one_line_error_on_the_strip_path(clothing):
+    data = bytearray(_encode(_photo(clothing, (1500, 1000)), "PNG"))
+    for damaged in (bytes(data[: len(data) // 2]),                     # truncated
+                    bytes(data[:200]) + bytes(b ^ 0xA5 for b in data[200:2000]) + bytes(data[2000:])):
+        with pytest.raises(ImageError) as err:
+            load_image(io.BytesIO(damaged), min_side=224)
+        assert "\n" not in str(err.value)

@@ -528,8 +528,8 @@ def test_home_assistant_discovery(broker, watchers, links):
     late = watchers(broker, topics=("homeassistant/#",))
     assert late.wait(label_topic).retain and late.wait(conf_topic).retain
     assert label["unique_id"] == "edge_box_1_label" and conf["unique_id"] == "edge_box_1_confidence"
-    assert label["state_topic"] == f"{PREFIX}/label" and conf["state_topic"] == f"{PREFIX}/prediction"
-    assert "value_json.confidence" in conf["value_template"]
+    assert label["state_topic"] == f"{PREFIX}/label" and conf["state_topic"] == f"{PREFIX}/confidence"
+    assert "'nothing' if value == 'unknown'" in label["value_template"]    # see tests/test_clients.py
     for c in (label, conf):
         assert c["availability_topic"] == f"{PREFIX}/status"
         assert c["device"]["identifiers"] == ["edge_box_1"] and c["device"]["sw_version"]
