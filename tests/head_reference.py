@@ -1,9 +1,10 @@
-"""The head's fit as it was before the Gram-matrix refit (one SVD of the residuals): the oracle
-that tests/test_head.py and benchmarks/head_bench.py compare the fast fit against."""
+"""The head's fit as it was before the Gram-matrix refit (one SVD of the residuals, then every
+sample whitened and averaged): the oracle that tests/test_evaluate.py and benchmarks/head_bench.py
+compare the fast fit against (same residual rows)."""
 
 import numpy as np
 
-from edge.head import MAX_FIT_ROWS, SHRINK, Head, l2_normalize
+from edge.head import SHRINK, Head, l2_normalize, spread_residuals
 
 
 def svd_whitener(residuals):
@@ -22,11 +23,7 @@ class SvdHead(Head):
     sample whitened and averaged)."""
 
     def _choice_fit(self, groups, z, owner, avg, means):
-        means = np.stack([g.mean(axis=0) for g in groups])
-        residuals = np.vstack([g - m for g, m in zip(groups, means)])
-        if len(residuals) > MAX_FIT_ROWS:
-            residuals = residuals[np.linspace(0, len(residuals) - 1, MAX_FIT_ROWS).astype(int)]
-        basis, scale, inv_sqrt_lam = svd_whitener(residuals)
+        basis, scale, inv_sqrt_lam = svd_whitener(spread_residuals(z, owner, means))
         white = lambda q: l2_normalize(q * inv_sqrt_lam + ((q @ basis.T) * scale) @ basis)
         if self.kind == "centroid":
             return white, l2_normalize(np.stack([white(g).mean(axis=0) for g in groups]))
