@@ -158,6 +158,8 @@ class Head:
         real = np.array([n not in self._nothing for n in labels])
         spread = real[owner] if real.any() else np.ones(len(z), bool)
         white, choice = self._choice_fit(groups, z[spread], owner[spread], avg, means)
+        if self.kind == "knn":     # whitened samples of all classes in one matrix
+            choice = (np.vstack(choice), np.concatenate([[0], np.cumsum(sizes)]))
         centroids = l2_normalize(means)
         fit = {"labels": labels, "centroids": centroids, "white": white, "choice": choice,
                "plain": l2_normalize(np.stack([self._plain[n] for n in labels])),
@@ -199,11 +201,13 @@ class Head:
         w = fit["white"](g)
         if self.kind == "centroid":
             return w @ fit["choice"].T
-        out = np.empty((len(w), len(fit["labels"])), dtype=np.float32)
-        for c, samples in enumerate(fit["choice"]):
-            sims = w @ samples.T
-            k = min(self.k, sims.shape[1])
-            out[:, c] = np.sort(sims, axis=1)[:, -k:].mean(axis=1)
+        stacked, bounds = fit["choice"]
+        sims = w @ stacked.T          # one product over all samples, then the k best per class
+        out = np.empty((len(w), len(bounds) - 1), dtype=np.float32)
+        for c in range(len(bounds) - 1):
+            part = sims[:, bounds[c]:bounds[c + 1]]
+            k = min(self.k, part.shape[1])
+            out[:, c] = np.partition(part, part.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
         return out
 
     def evaluate(self, x: np.ndarray) -> tuple:
