@@ -70,25 +70,37 @@ def cmd_eval(args) -> int:
             raise UserError(f"{args.reference}: not a reference mean for this model")
     else:
         mean = load_reference(engine.path, engine.dim)
-    train, test = load_dataset(Path(args.dataset), engine.embed)
+    if args.burst < 1:
+        raise UserError("--burst must be at least 1")
+    train, test = load_dataset(Path(args.dataset), engine.embed, burst=args.burst)
     unknown = load_unknown(Path(args.unknown), engine.embed) if args.unknown else None
+    nothing = load_unknown(Path(args.nothing), engine.embed) if args.nothing else None
     threshold = "auto" if args.threshold == "auto" else float(args.threshold)
     result = run_trials(train, test, shots=args.shots, trials=args.trials, seed=args.seed,
                         head_factory=lambda: Head(args.head, k=args.k, mean=mean, threshold=threshold),
-                        unknown=unknown, holdout=args.holdout_classes)
+                        unknown=unknown, holdout=args.holdout_classes, classes=args.classes,
+                        nothing=nothing, nothing_shots=args.nothing_shots)
     result.update(model=str(engine.path), head=args.head, threshold=args.threshold)
     if args.json:
         print(json.dumps(result, sort_keys=True))
         return EXIT_OK
-    print(f"{result['classes']} classes, {args.shots} shots, {args.trials} trials, "
+    print(f"{result['taught_classes']} of {result['classes']} classes, {args.shots} shots"
+          f"{f' (bursts of {args.burst})' if args.burst > 1 else ''}, {args.trials} trials, "
           f"head {args.head}: accuracy {result['accuracy']:.3f} ± {result['accuracy_std']:.3f} "
           f"(plain nearest centroid {result['baseline_accuracy']:.3f})")
     print(f"with the unknown gate (threshold {args.threshold}): known accuracy "
           f"{result['known_accuracy']:.3f}")
     for key, text in (("unknown_rate", "unrelated photos called unknown"),
-                      ("holdout_unknown_rate", "held-out class photos called unknown")):
+                      ("holdout_unknown_rate", "held-out class photos called unknown"),
+                      ("holdout_auroc", "AUROC known vs held-out class photos"),
+                      ("nothing_unknown_rate", "with a taught nothing class: other unrelated photos called unknown"),
+                      ("nothing_known_accuracy", "with a taught nothing class: known accuracy")):
         if key in result:
             print(f"{text}: {result[key]:.3f}")
+    print("threshold offset: known accuracy / unrelated unknown / held-out unknown")
+    for point in result["curve"]:
+        print(f"  {point['offset']:+.2f}: {point['known_accuracy']:.3f} / "
+              f"{point.get('unknown_rate', float('nan')):.3f} / {point.get('holdout_unknown_rate', float('nan')):.3f}")
     for name, acc in result["per_class"].items():
         print(f"  {name:<20} {acc:.3f}")
     return EXIT_OK
@@ -245,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unknown", metavar="DIR", help="photos of none of the classes: reports unknown_rate")
     p.add_argument("--holdout-classes", type=int, default=0, metavar="M",
                    help="never train M classes per trial: reports holdout_unknown_rate")
+    p.add_argument("--classes", type=int, default=0, metavar="N",
+                   help="teach N random classes per trial, like an N-button kit (default all)")
+    p.add_argument("--burst", type=int, default=1, metavar="F",
+                   help="each shot is a burst of F near-duplicate frames (crops of one photo)")
+    p.add_argument("--nothing", metavar="DIR",
+                   help="unrelated photos: some taught as a 'nothing' class, reports nothing_unknown_rate for the rest")
+    p.add_argument("--nothing-shots", type=int, default=20, metavar="N",
+                   help="photos of --nothing taught per trial (default 20)")
     p.add_argument("--threshold", default="auto", help="unknown gate: 'auto' or a number (default auto)")
     p.add_argument("--reference", metavar="NPY", help="reference mean to use instead of the model's own")
     p.add_argument("--json", action="store_true", help="print one JSON object")

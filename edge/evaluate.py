@@ -19,6 +19,8 @@ from edge.image import IMAGE_SUFFIXES, ImageError, list_images, load_image
 
 log = logging.getLogger(__name__)
 
+NOTHING = "(nothing)"   # name of the "nothing" class taught by `edge eval --nothing`
+
 
 class DatasetError(ValueError):
     """The dataset folder does not have the expected shape."""
@@ -26,9 +28,11 @@ class DatasetError(ValueError):
 
 @dataclass
 class Split:
-    """Embeddings per class of one split (train or test)."""
+    """Embeddings per class of one split (train or test); `bursts` (optional): per class, burst
+    frames of each image, (images, frames, dim), row i of `classes` being frame 0 of image i."""
 
     classes: Dict[str, np.ndarray]
+    bursts: Optional[Dict[str, np.ndarray]] = None
 
 
 def class_folders(folder: Path) -> Dict[str, List[Path]]:
@@ -54,8 +58,39 @@ def embed_files(files: List[Path], embed: Callable) -> np.ndarray:
     return np.array(rows, dtype=np.float32)
 
 
-def load_dataset(root: Path, embed: Callable) -> tuple:
-    """(train split, test split or None) with every image embedded once."""
+def burst_frames(img, n: int, rng: np.random.Generator) -> list:
+    """n near-duplicate views of one photo, like frames 1/6 s apart while a button is held:
+    the photo itself, then crops of 85-100 % of each side at small random offsets with +-8 %
+    brightness. Deterministic for a seeded rng."""
+    from PIL import ImageEnhance
+    out = [img]
+    for _ in range(n - 1):
+        s = rng.uniform(0.85, 1.0)
+        w, h = max(1, int(img.width * s)), max(1, int(img.height * s))
+        left = int(rng.uniform(0, img.width - w + 1))
+        top = int(rng.uniform(0, img.height - h + 1))
+        view = img.crop((left, top, left + w, top + h))
+        out.append(ImageEnhance.Brightness(view).enhance(rng.uniform(0.92, 1.08)))
+    return out
+
+
+def embed_bursts(files: List[Path], embed: Callable, n: int, seed: int = 0) -> np.ndarray:
+    """Embeddings of n burst frames per image file: shape (files, n, dim); unreadable skipped."""
+    rows = []
+    for i, path in enumerate(files):
+        try:
+            img = load_image(path)
+        except ImageError as exc:
+            log.warning("skipping %s", exc)
+            continue
+        rng = np.random.default_rng([seed, i])
+        rows.append([embed(v) for v in burst_frames(img, n, rng)])
+    return np.array(rows, dtype=np.float32)
+
+
+def load_dataset(root: Path, embed: Callable, burst: int = 1) -> tuple:
+    """(train split, test split or None) with every image embedded once; with burst > 1 the
+    training images are embedded as bursts of that many frames (see `burst_frames`)."""
     root = Path(root)
     if (root / "train").is_dir() and (root / "test").is_dir():
         train_files, test_files = class_folders(root / "train"), class_folders(root / "test")
@@ -65,77 +100,136 @@ def load_dataset(root: Path, embed: Callable) -> tuple:
         train_files, test_files = class_folders(root), None
     if len(train_files) < 2:
         raise DatasetError(f"{root}: need at least two class folders with images")
-    train = Split({c: embed_files(f, embed) for c, f in train_files.items()})
+    if burst > 1:
+        bursts = {c: embed_bursts(f, embed, burst) for c, f in train_files.items()}
+        train = Split({c: b[:, 0] for c, b in bursts.items()}, bursts)
+    else:
+        train = Split({c: embed_files(f, embed) for c, f in train_files.items()})
     test = None if test_files is None else Split({c: embed_files(f, embed) for c, f in test_files.items()})
     return train, test
 
 
+AUROC_OF = {"unknown_rate": "unknown_auroc", "holdout_unknown_rate": "holdout_auroc"}
+# Threshold offsets (added to the head's threshold) at which the trade-off curve is reported.
+CURVE_OFFSETS = (-0.15, -0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.15)
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    pos, neg = np.asarray(positive, float), np.asarray(negative, float)
+    values, inverse, counts = np.unique(np.concatenate([pos, neg]), return_inverse=True,
+                                        return_counts=True)
+    mean_rank = np.cumsum(counts) - (counts - 1) / 2.0      # average rank of each tied value
+    ranks = mean_rank[inverse]
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
 def run_trials(train: Split, test: Optional[Split], shots: int, trials: int, seed: int = 0,
                head_factory: Callable[[], Head] = Head, unknown: Optional[np.ndarray] = None,
-               holdout: int = 0) -> dict:
-    """Few-shot trials with the daemon's head; each trial redraws shots (and held-out classes).
+               holdout: int = 0, classes: int = 0, nothing: Optional[np.ndarray] = None,
+               nothing_shots: int = 20) -> dict:
+    """Few-shot trials with the daemon's head; each trial redraws shots (and classes).
+
+    `classes` N > 0 teaches N random classes per trial (a 3-button kit); `holdout` M never
+    teaches M classes and shows them. With bursts in `train`, each shot is all frames of one
+    image's burst. `nothing`: photos of none of the classes; each trial teaches `nothing_shots`
+    of them as a "nothing" class and shows the rest (`nothing_unknown_rate`).
 
     Reports closed-set `accuracy` (best class, no unknown gate), `known_accuracy` (gate on: a
     known photo called unknown counts as wrong), `baseline_accuracy` (plain L2 nearest centroid
-    on the same draws), and with `unknown` photos or `holdout` classes the share called unknown.
+    on the same draws), with `unknown` photos or `holdout` classes the share called unknown, the
+    AUROC of known against held-out photos by gate score, and `curve`: those figures when the
+    threshold is moved by each of CURVE_OFFSETS.
     """
-    classes = list(train.classes)
-    if holdout and not 0 < holdout <= len(classes) - 1:
-        raise DatasetError(f"--holdout-classes must be between 1 and {len(classes) - 1}")
-    for c in classes:
+    names = list(train.classes)
+    taught_n = classes or len(names) - holdout
+    if holdout and not 0 < holdout <= len(names) - 1:
+        raise DatasetError(f"--holdout-classes must be between 1 and {len(names) - 1}")
+    if classes and not 2 <= classes <= len(names) - holdout:
+        raise DatasetError(f"--classes must be between 2 and {len(names) - holdout} "
+                           f"({len(names)} classes, {holdout} held out)")
+    for c in names:
         need = shots + (1 if test is None else 0)
         if len(train.classes[c]) < need:
             raise DatasetError(f"class {c!r} has {len(train.classes[c])} images; "
                                f"{shots} shots need at least {need}")
+    if nothing is not None and not 0 < nothing_shots < len(nothing):
+        raise DatasetError(f"--nothing needs more than {nothing_shots} photos, found {len(nothing)}")
     rng = np.random.default_rng(seed)
-    sums = {k: [] for k in ("accuracy", "known_accuracy", "baseline_accuracy", "unknown_rate",
-                            "holdout_unknown_rate")}
-    per_class = {c: [] for c in classes}
+    keys = ("accuracy", "known_accuracy", "baseline_accuracy", "unknown_rate", "holdout_unknown_rate",
+            "holdout_auroc", "unknown_auroc", "nothing_unknown_rate", "nothing_known_accuracy",
+            "nothing_holdout_unknown_rate")
+    sums = {k: [] for k in keys}
+    curve = {o: {"known_accuracy": [], "unknown_rate": [], "holdout_unknown_rate": []} for o in CURVE_OFFSETS}
+    per_class = {c: [] for c in names}
     n_test = 0
     for _ in range(trials):
-        held = set(rng.choice(classes, size=holdout, replace=False)) if holdout else set()
-        known = [c for c in classes if c not in held]
-        shots_by_class, queries, truth, held_queries = {}, [], [], []
-        for c in classes:
+        order = list(rng.permutation(len(names)))
+        held = [names[i] for i in order[:holdout]]
+        known = [names[i] for i in sorted(order[holdout:holdout + taught_n])]
+        shots_by_class, queries, truth = {}, [], []
+        for ci, c in enumerate(known):
             pool = train.classes[c]
-            order = rng.permutation(len(pool))
-            rest = pool[order[shots:]] if test is None else test.classes[c]
-            if c in held:
-                held_queries.append(pool if test is None else test.classes[c])
-                continue
-            shots_by_class[c] = pool[order[:shots]]
+            pick = rng.permutation(len(pool))
+            rest = pool[pick[shots:]] if test is None else test.classes[c]
+            if train.bursts is not None:
+                shots_by_class[c] = train.bursts[c][pick[:shots]].reshape(-1, pool.shape[1])
+            else:
+                shots_by_class[c] = pool[pick[:shots]]
             queries.append(rest)
-            truth.append(np.full(len(rest), known.index(c)))
+            truth.append(np.full(len(rest), ci))
+        held_q = np.vstack([train.classes[c] if test is None else test.classes[c] for c in held]) if held else None
         q, t = np.vstack(queries), np.concatenate(truth)
         n_test = len(q)
         head = head_factory()
         head.set_samples(shots_by_class)
-        closed = head.predict_closed(q)
-        gated, _ = head.predict(q)
-        sums["accuracy"].append(float((closed == t).mean()))
-        sums["known_accuracy"].append(float((gated == t).mean()))
+        idx, margin = head.decide(q)
+        sums["accuracy"].append(float((idx == t).mean()))
+        sums["known_accuracy"].append(float(((idx == t) & (margin >= 0)).mean()))
         sums["baseline_accuracy"].append(float((plain_centroid_predict(shots_by_class, q) == t).mean()))
         for ci, c in enumerate(known):
             mask = t == ci
-            if mask.any():
-                per_class[c].append(float((closed[mask] == ci).mean()))
+            per_class[c].append(float((idx[mask] == ci).mean()))
+        others = {}
         if unknown is not None and len(unknown):
-            sums["unknown_rate"].append(float((head.predict(unknown)[0] == -1).mean()))
-        if held_queries:
-            sums["holdout_unknown_rate"].append(float((head.predict(np.vstack(held_queries))[0] == -1).mean()))
+            others["unknown_rate"] = head.decide(unknown)[1]
+        if held_q is not None:
+            others["holdout_unknown_rate"] = head.decide(held_q)[1]
+        for key, m in others.items():
+            sums[key].append(float((m < 0).mean()))
+            sums[AUROC_OF[key]].append(auroc(margin, m))
+        for o in CURVE_OFFSETS:
+            curve[o]["known_accuracy"].append(float(((idx == t) & (margin >= o)).mean()))
+            for key, m in others.items():
+                curve[o][key].append(float((m < o).mean()))
+        if nothing is not None:
+            pick = rng.permutation(len(nothing))
+            head.set_samples({**shots_by_class, NOTHING: nothing[pick[:nothing_shots]]})
+            head.set_nothing([NOTHING])
+            sums["nothing_unknown_rate"].append(float((head.predict(nothing[pick[nothing_shots:]])[0] == -1).mean()))
+            sums["nothing_known_accuracy"].append(float((head.predict(q)[0] == t).mean()))
+            if held_q is not None:
+                sums["nothing_holdout_unknown_rate"].append(float((head.predict(held_q)[0] == -1).mean()))
     result = {k: float(np.mean(v)) for k, v in sums.items() if v}
     result.update({
         "accuracy_std": float(np.std(sums["accuracy"])),
         "per_class": {c: float(np.mean(v)) for c, v in per_class.items() if v},
+        "curve": [{"offset": o, **{k: float(np.mean(v)) for k, v in curve[o].items() if v}}
+                  for o in CURVE_OFFSETS],
         "shots": shots,
         "trials": trials,
-        "classes": len(classes),
+        "classes": len(names),
+        "taught_classes": taught_n,
         "test_images": int(n_test),
     })
+    if train.bursts is not None:
+        result["burst"] = int(train.bursts[names[0]].shape[1])
     if unknown is not None:
         result["unknown_images"] = int(len(unknown))
     if holdout:
         result["holdout_classes"] = holdout
+    if nothing is not None:
+        result.update(nothing_images=int(len(nothing)), nothing_shots=nothing_shots)
     return result
 
 

@@ -3,19 +3,19 @@
 Two views of the same embeddings, each doing what it measures best here (see docs/head.md):
 - a *gate* view: signed square root, minus a reference mean embedding (shipped beside the model),
   unit length. Cosine similarity to a class centroid in this view says whether a frame looks like
-  that class at all; the "auto" threshold comes from leave-one-out similarities of the stored
-  samples, so it adapts to how tight the taught classes are.
+  that class at all; with "auto" a second test asks whether it is more like that class than like
+  what all taught classes share. Both thresholds come from leave-one-out scores of the stored
+  samples, so they adapt to how tight the taught classes are.
 - a *choice* view: the gate view whitened by the classes' own pooled within-class spread (shrunk
-  towards the identity). It down-weights directions in which the taught samples vary anyway
-  (lighting, pose), which picks the right class more often than plain cosine (measured: 10-shot
-  clothing-small 0.721 vs 0.689).
+  towards the identity), blended with the plain cosine of the raw embeddings, the whitened part
+  weighing more the more samples there are to estimate the spread from.
 Pure numpy, no I/O; kinds: "centroid" (class means) and "knn" (mean of a class's k best matches,
 so a class does not win by sample count).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -25,14 +25,25 @@ HEADS = ("centroid", "knn")
 # Within-class shrinkage: lambda = SHRINK * mean within-class variance. Chosen on clothing-small
 # (10-shot accuracy is flat from 10 to 30); see docs/head.md.
 SHRINK = 10.0
-# "auto" threshold = AUTO_FACTOR * the AUTO_QUANTILE quantile of leave-one-out similarities.
-AUTO_QUANTILE = 0.05
-AUTO_FACTOR = 0.9
+# "auto" gate: two tests, calibrated by leave-one-out (LOO) over the stored samples (docs/head.md):
+# - like the class at all: gate cosine to the chosen centroid;
+# - more like it than like what the taught classes share: cosine after removing the mean of the
+#   class centroids ("relative" score).
+# Each threshold is set where a normal fit of the LOO scores puts GATE_BUDGET (RELATIVE_BUDGET)
+# of the samples below it. Chosen on clothing-small so that known accuracy drops 1.5-3 points at
+# 10 shots with 2 to 10 classes.
+GATE_BUDGET = 0.03
+RELATIVE_BUDGET = 0.03
 # Used until at least MIN_LOO leave-one-out similarities exist (classes of one sample each).
 FALLBACK_THRESHOLD = 0.3
 MIN_LOO = 4
 # Rows used to estimate the within-class spread (keeps re-fitting fast with thousands of samples).
 MAX_FIT_ROWS = 256
+# The choice blends the whitened cosine with the plain cosine of unit raw embeddings (the
+# baseline), the plain one weighted PLAIN_SAMPLES / (PLAIN_SAMPLES + samples): with few samples
+# the spread estimate is noise and the plain view decides; with many, the whitened one.
+# Chosen on clothing-small (never below the plain nearest centroid at 1-10 shots, 2-10 classes).
+PLAIN_SAMPLES = 20
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -56,16 +67,6 @@ def gate_features(x: np.ndarray, mean: Optional[np.ndarray]) -> np.ndarray:
     return l2_normalize(z)
 
 
-@dataclass
-class Result:
-    """The head's view of one frame."""
-
-    index: int                 # best class (in `labels` order), -1 when the head knows no class
-    known: bool                # gate passed: the frame looks like that class
-    similarity: float          # gate cosine to the chosen class centroid
-    scores: np.ndarray         # gate cosine to every class centroid
-
-
 class Head:
     """Classes of samples; scores new embeddings against them. Rebuilt lazily after changes."""
 
@@ -80,6 +81,8 @@ class Head:
         self.mean = None if mean is None else np.asarray(mean, dtype=np.float32).reshape(-1)
         self.threshold_setting = threshold
         self._samples: Dict[str, np.ndarray] = {}
+        self._plain: Dict[str, np.ndarray] = {}   # per class: sum of unit-length raw embeddings
+        self._nothing: set = set()
         self._fit: Optional[dict] = None
 
     # --- what the head knows -------------------------------------------------------------
@@ -96,6 +99,8 @@ class Head:
         """Replace everything the head knows with raw embeddings per class (ordered)."""
         self._samples = {name: gate_features(np.atleast_2d(v), self.mean)
                          for name, v in samples.items() if len(v)}
+        self._plain = {name: l2_normalize(np.atleast_2d(v)).sum(axis=0)
+                       for name, v in samples.items() if len(v)}
         self._fit = None
 
     def add(self, label: str, vectors: np.ndarray) -> None:
@@ -103,15 +108,30 @@ class Head:
         vecs = gate_features(np.atleast_2d(vectors), self.mean)
         old = self._samples.get(label)
         self._samples[label] = vecs if old is None else np.vstack([old, vecs])
+        self._plain[label] = self._plain.get(label, 0) + l2_normalize(np.atleast_2d(vectors)).sum(axis=0)
         self._fit = None
 
     def set_class(self, label: str, vectors: np.ndarray) -> None:
         """Replace one class's samples (raw embeddings); an empty array removes the class."""
         if len(vectors):
             self._samples[label] = gate_features(np.atleast_2d(vectors), self.mean)
+            self._plain[label] = l2_normalize(np.atleast_2d(vectors)).sum(axis=0)
         else:
             self._samples.pop(label, None)
+            self._plain.pop(label, None)
         self._fit = None
+
+    def set_nothing(self, names) -> None:
+        """Mark "nothing" classes (the empty table, hands...): they take part in the choice, so
+        frames like them stop going to other classes, but `predict` answers unknown for them and
+        they are left out of the spread and threshold estimates (they are taught as varied)."""
+        self._nothing = set(names)
+        self._fit = None
+
+    @property
+    def nothing(self) -> List[str]:
+        """The taught classes marked as "nothing", in label order."""
+        return [n for n in self.labels if n in self._nothing]
 
     def set_threshold(self, value) -> None:
         """A number, or "auto" to calibrate from the samples."""
@@ -129,26 +149,44 @@ class Head:
         labels = self.labels
         groups = [self._samples[n] for n in labels]
         if not groups:
-            return {"labels": [], "threshold": self._threshold([])}
-        means = np.stack([g.mean(axis=0) for g in groups])
+            return {"labels": [], "threshold": self._fixed_or(FALLBACK_THRESHOLD), "relative": None}
+        z = np.vstack(groups)
+        sizes = np.array([len(g) for g in groups])
+        owner = np.repeat(np.arange(len(groups)), sizes)
+        avg = (owner == np.arange(len(groups))[:, None]).astype(np.float32) / sizes[:, None]
+        means = avg @ z            # class means as one product (C x N averaging matrix)
+        real = np.array([n not in self._nothing for n in labels])
+        spread = real[owner] if real.any() else np.ones(len(z), bool)
+        white, choice = self._choice_fit(groups, z[spread], owner[spread], avg, means)
+        if self.kind == "knn":     # whitened samples of all classes in one matrix
+            choice = (np.vstack(choice), np.concatenate([[0], np.cumsum(sizes)]))
         centroids = l2_normalize(means)
-        residuals = np.vstack([g - m for g, m in zip(groups, means)])
-        if len(residuals) > MAX_FIT_ROWS:
-            residuals = residuals[np.linspace(0, len(residuals) - 1, MAX_FIT_ROWS).astype(int)]
-        basis, scale, inv_sqrt_lam = _whitener(residuals)
-        white = lambda z: l2_normalize(z * inv_sqrt_lam + ((z @ basis.T) * scale) @ basis)
-        fit = {"labels": labels, "centroids": centroids, "white": white,
-               "threshold": self._threshold(groups)}
-        if self.kind == "centroid":
-            fit["choice"] = l2_normalize(np.stack([white(g).mean(axis=0) for g in groups]))
-        else:
-            fit["choice"] = [white(g) for g in groups]
+        fit = {"labels": labels, "centroids": centroids, "white": white, "choice": choice,
+               "plain": l2_normalize(np.stack([self._plain[n] for n in labels])),
+               "plain_weight": PLAIN_SAMPLES / (PLAIN_SAMPLES + int(spread.sum())),
+               "nothing": ~real, "threshold": self._fixed_or(FALLBACK_THRESHOLD), "relative": None}
+        if self.threshold_setting == "auto":
+            gate, rel = _loo_scores([g for g, r in zip(groups, real) if r], centroids[real])
+            if len(gate) >= MIN_LOO:
+                fit["threshold"] = _budget_threshold(gate, GATE_BUDGET)
+            if len(rel) >= MIN_LOO:
+                # compared as rel + offset >= threshold, so one threshold serves both tests
+                fit["relative"] = (centroids[real].mean(axis=0),
+                                   fit["threshold"] - _budget_threshold(rel, RELATIVE_BUDGET))
         return fit
 
-    def _threshold(self, groups) -> float:
-        if self.threshold_setting != "auto":
-            return float(self.threshold_setting)
-        return auto_threshold(groups)
+    def _fixed_or(self, default: float) -> float:
+        return default if self.threshold_setting == "auto" else float(self.threshold_setting)
+
+    def _choice_fit(self, groups, z, owner, avg, means) -> tuple:
+        """(whitening function, class prototypes in the choice view): the spread comes from the
+        rows z (owner: their class index; nothing classes left out), the prototypes from all
+        of `groups` (avg: C x N averaging matrix over all their rows)."""
+        basis, scale, inv_sqrt_lam = _whitener(spread_residuals(z, owner, means))
+        white = lambda q: l2_normalize(q * inv_sqrt_lam + ((q @ basis.T) * scale) @ basis)
+        if self.kind == "centroid":
+            return white, _white_means(np.vstack(groups), avg, basis, scale, inv_sqrt_lam)
+        return white, [white(g) for g in groups]
 
     @property
     def threshold(self) -> float:
@@ -163,11 +201,13 @@ class Head:
         w = fit["white"](g)
         if self.kind == "centroid":
             return w @ fit["choice"].T
-        out = np.empty((len(w), len(fit["labels"])), dtype=np.float32)
-        for c, samples in enumerate(fit["choice"]):
-            sims = w @ samples.T
-            k = min(self.k, sims.shape[1])
-            out[:, c] = np.sort(sims, axis=1)[:, -k:].mean(axis=1)
+        stacked, bounds = fit["choice"]
+        sims = w @ stacked.T          # one product over all samples, then the k best per class
+        out = np.empty((len(w), len(bounds) - 1), dtype=np.float32)
+        for c in range(len(bounds) - 1):
+            part = sims[:, bounds[c]:bounds[c + 1]]
+            k = min(self.k, part.shape[1])
+            out[:, c] = np.partition(part, part.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
         return out
 
     def evaluate(self, x: np.ndarray) -> tuple:
@@ -177,16 +217,38 @@ class Head:
         if not fit["labels"]:
             empty = np.zeros((len(g), 0), dtype=np.float32)
             return empty, empty
-        return self.choice_scores(g), g @ fit["centroids"].T
+        w = fit["plain_weight"]
+        plain = l2_normalize(np.atleast_2d(x)) @ fit["plain"].T
+        return (1.0 - w) * self.choice_scores(g) + w * plain, self.gate_scores(g)
+
+    def gate_scores(self, g: np.ndarray) -> np.ndarray:
+        """Per-class gate scores for gate-view rows g, (N, C), to compare with `threshold`: the
+        cosine to each centroid, and with "auto" also no more than the relative score (plus its
+        calibrated offset), so a frame passes only when both tests pass."""
+        fit = self._ensure_fit()
+        cents = fit["centroids"]
+        gate = g @ cents.T
+        if fit["relative"] is not None:
+            shared, offset = fit["relative"]
+            rel = l2_normalize(g - shared) @ l2_normalize(cents - shared).T
+            gate = np.minimum(gate, rel + offset)
+        return gate
 
     def predict(self, x: np.ndarray) -> tuple:
-        """(class index per row or -1 for unknown, gate similarity per row)."""
+        """(class index per row or -1 for unknown, gate score per row). A frame whose best class
+        is a "nothing" class is unknown too."""
+        idx, margin = self.decide(x)
+        return np.where(margin >= 0, idx, -1), margin + self.threshold
+
+    def decide(self, x: np.ndarray) -> tuple:
+        """(best class per row, gate score minus threshold per row), with a "nothing" class as
+        best counted as -inf margin: evaluation sweeps the threshold with this."""
         choice, gate = self.evaluate(x)
         if choice.shape[1] == 0:
-            return np.full(len(choice), -1), np.zeros(len(choice), dtype=np.float32)
+            return np.full(len(choice), -1), np.full(len(choice), -np.inf, dtype=np.float32)
         idx = choice.argmax(axis=1)
-        sim = gate[np.arange(len(idx)), idx]
-        return np.where(sim >= self.threshold, idx, -1), sim
+        margin = gate[np.arange(len(idx)), idx] - self.threshold
+        return idx, np.where(self._ensure_fit()["nothing"][idx], -np.inf, margin)
 
     def predict_closed(self, x: np.ndarray) -> np.ndarray:
         """Best class per row, ignoring the unknown gate (closed-set accuracy)."""
@@ -194,29 +256,89 @@ class Head:
         return choice.argmax(axis=1) if choice.shape[1] else np.full(len(choice), -1)
 
 
+def spread_residuals(z: np.ndarray, owner: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """Rows for the within-class spread: up to MAX_FIT_ROWS residuals (sample minus its class
+    mean), taken evenly from each class and weighted so every class counts the same: a class
+    recorded for long (200 near-duplicate frames) must not define the spread for all."""
+    classes = np.unique(owner)
+    per_class = max(1, MAX_FIT_ROWS // max(1, len(classes)))
+    parts = []
+    for c in classes:
+        rows = np.flatnonzero(owner == c)
+        if len(rows) > per_class:
+            rows = rows[np.linspace(0, len(rows) - 1, per_class).astype(int)]
+        parts.append((z[rows] - means[c]) / np.sqrt(len(rows)))
+    return np.vstack(parts) * np.sqrt(sum(len(p) for p in parts) / len(parts))
+
+
 def _whitener(residuals: np.ndarray) -> tuple:
-    """Shrunk within-class whitening as (basis, per-direction scale, 1/sqrt(lambda))."""
+    """Shrunk within-class whitening as (basis, per-direction scale, 1/sqrt(lambda)).
+
+    The directions and variances are those of an SVD of the residuals (n x dim, n <= 256), found
+    from the n x n Gram matrix instead: R R^T = U S^2 U^T gives the same S and V^T = S^-1 U^T R,
+    at a fraction of the cost (docs/head.md). Directions with ~zero variance are dropped; their
+    scale would be ~0 anyway (only the shrinkage acts there).
+    """
     dim = residuals.shape[1]
     if len(residuals) < 2 or not np.any(residuals):
         return np.zeros((0, dim), np.float32), np.zeros(0, np.float32), np.float32(1.0)
-    _, s, vt = np.linalg.svd(residuals, full_matrices=False)
-    var = (s ** 2) / len(residuals)
-    lam = max(SHRINK * float(var.sum()) / dim, 1e-12)
+    r = residuals.astype(np.float64)
+    eig, u = np.linalg.eigh(r @ r.T)
+    lam = max(SHRINK * float(np.clip(eig, 0, None).sum()) / len(r) / dim, 1e-12)
+    keep = eig > max(float(eig[-1]), 0.0) * 1e-9
+    eig, u = eig[keep], u[:, keep]
+    basis = (u.T @ r) / np.sqrt(eig)[:, None]
+    var = eig / len(r)
     scale = 1.0 / np.sqrt(var + lam) - 1.0 / np.sqrt(lam)
-    return vt.astype(np.float32), scale.astype(np.float32), np.float32(1.0 / np.sqrt(lam))
+    return basis.astype(np.float32), scale.astype(np.float32), np.float32(1.0 / np.sqrt(lam))
+
+
+def _white_means(z, avg, basis, scale, a) -> np.ndarray:
+    """Unit-length class means (avg: C x N averaging matrix) of the whitened unit rows of z.
+
+    Equal to averaging `white(z)` per class, with one projection instead of two: the rows of
+    `basis` are orthonormal, so |a z + (P s) B|^2 = a^2 |z|^2 + sum_j (2 a s_j + s_j^2) P_j^2
+    with P = z B^T, and the class sums need only P and z.
+    """
+    p = z @ basis.T
+    sq = (a * a) * np.einsum("ij,ij->i", z, z) + (p * p) @ (2 * a * scale + scale * scale)
+    inv = 1.0 / np.sqrt(np.maximum(sq, 1e-24))
+    w = avg * inv
+    return l2_normalize(a * (w @ z) + ((w @ p) * scale) @ basis)
+
+
+def _loo_scores(groups, centroids) -> tuple:
+    """Leave-one-out gate and relative scores of each sample against its own class (its class
+    centroid computed without it; `centroids` are the unit class centroids of `groups`). The
+    relative scores need two classes."""
+    gate, rel = [], []
+    n_classes = len(groups)
+    shared = centroids.mean(axis=0) if n_classes else None
+    for c, g in enumerate(groups):
+        if len(g) < 2:
+            continue
+        own = l2_normalize(g.sum(axis=0, keepdims=True) - g)
+        gate.append(np.sum(own * g, axis=1))
+        if n_classes >= 2:
+            shared_i = shared + (own - centroids[c]) / n_classes
+            rel.append(np.sum(l2_normalize(g - shared_i) * l2_normalize(own - shared_i), axis=1))
+    cat = lambda v: np.concatenate(v) if v else np.zeros(0, np.float32)
+    return cat(gate), cat(rel)
+
+
+def _budget_threshold(values: np.ndarray, budget: float) -> float:
+    """The score below which a share `budget` of new samples like `values` would fall, assuming
+    a normal spread: mean - z * std. A plain quantile cannot reach below the lowest of 20 LOO
+    values (5 %); the fitted spread can."""
+    z = NormalDist().inv_cdf(budget)
+    return float(values.mean() + z * values.std(ddof=1))
 
 
 def auto_threshold(groups) -> float:
-    """Gate threshold from leave-one-out similarities of samples to their own class centroid."""
-    loo = []
-    for g in groups:
-        if len(g) >= 2:
-            rest = l2_normalize(g.sum(axis=0, keepdims=True) - g)
-            loo.append(np.sum(rest * g, axis=1))
-    values = np.concatenate(loo) if loo else np.zeros(0)
-    if len(values) < MIN_LOO:
-        return FALLBACK_THRESHOLD
-    return float(AUTO_FACTOR * np.quantile(values, AUTO_QUANTILE))
+    """The "like the class at all" threshold alone, from groups of gate-view samples."""
+    cents = l2_normalize(np.stack([g.mean(axis=0) for g in groups])) if groups else None
+    gate, _ = _loo_scores(groups, cents)
+    return _budget_threshold(gate, GATE_BUDGET) if len(gate) >= MIN_LOO else FALLBACK_THRESHOLD
 
 
 def plain_centroid_predict(train: Dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:

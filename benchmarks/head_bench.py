@@ -1,0 +1,85 @@
+"""Head benchmarks, as ratios measured in one run (see benchmarks/README.md, docs/head.md).
+
+  refit: the head's refit after a recording (set_class + fit) at 8 classes x 200 samples, the
+         Gram-matrix fit against the old SVD fit (tests/head_reference.py), and per invoke().
+  frame: one frame's head cost (evaluate + predict) with 5,000 stored samples / invoke().
+Times are medians; the two refits are interleaved, so other load on the machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from edge.engine import DEFAULT_MODEL, Embedder, load_reference  # noqa: E402
+from edge.head import Head  # noqa: E402
+from edge.image import list_images, load_image  # noqa: E402
+from head_reference import SvdHead  # noqa: E402
+
+
+def median_ms(fn, runs: int) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1000)
+
+
+def samples(rng, classes: int, per_class: int, dim: int) -> dict:
+    return {f"c{i}": np.abs(rng.normal(0, 1, (per_class, dim))).astype(np.float32) for i in range(classes)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    engine = Embedder(DEFAULT_MODEL, threads=args.threads)
+    mean = load_reference(engine.path, engine.dim)
+    rng = np.random.default_rng(0)
+    root = Path(os.environ.get("EDGE_DATASETS", REPO.parent / "shared" / "datasets"))
+    x = engine.prepare(load_image(list_images(root / "clothing-small" / "test" / "shoes")[0]))
+    invoke = median_ms(lambda: engine.invoke(x), args.runs * 2)
+    out = {"invoke_ms": round(invoke, 2)}
+
+    data = samples(rng, 8, 200, engine.dim)
+    heads = {"gram": Head(mean=mean), "svd": SvdHead(mean=mean)}
+    times = {name: [] for name in heads}
+    for head in heads.values():
+        head.set_samples(data)
+    for _ in range(args.runs):          # interleaved: load from other jobs hits both alike
+        for name, head in heads.items():
+            t = time.perf_counter()
+            head.set_class("c0", data["c0"])
+            head.threshold                  # the fit happens lazily on first use
+            times[name].append(time.perf_counter() - t)
+    for name, t in times.items():
+        out[f"refit_{name}_ms"] = round(float(np.median(t[1:])) * 1000, 2)
+    out["refit_gram_over_svd"] = round(out["refit_gram_ms"] / out["refit_svd_ms"], 3)
+    out["refit_gram_over_invoke"] = round(out["refit_gram_ms"] / invoke, 3)
+
+    big = samples(rng, 10, 500, engine.dim)
+    frame = np.abs(rng.normal(0, 1, (1, engine.dim))).astype(np.float32)
+    for kind in ("centroid", "knn"):
+        head = Head(kind, mean=mean)
+        head.set_samples(big)
+        head.predict(frame)
+        ms = median_ms(lambda: (head.evaluate(frame), head.predict(frame)), args.runs * 4)
+        out[f"frame_{kind}_5000_ms"] = round(ms, 3)
+        out[f"frame_{kind}_5000_over_invoke"] = round(ms / invoke, 4)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The head's fit as it was before the Gram-matrix refit (one SVD of the residuals, then every
+sample whitened and averaged): the oracle that tests/test_evaluate.py and benchmarks/head_bench.py
+compare the fast fit against (same residual rows)."""
+
+import numpy as np
+
+from edge.head import SHRINK, Head, l2_normalize, spread_residuals
+
+
+def svd_whitener(residuals):
+    dim = residuals.shape[1]
+    if len(residuals) < 2 or not np.any(residuals):
+        return np.zeros((0, dim), np.float32), np.zeros(0, np.float32), np.float32(1.0)
+    _, s, vt = np.linalg.svd(residuals, full_matrices=False)
+    var = (s ** 2) / len(residuals)
+    lam = max(SHRINK * float(var.sum()) / dim, 1e-12)
+    scale = 1.0 / np.sqrt(var + lam) - 1.0 / np.sqrt(lam)
+    return vt.astype(np.float32), scale.astype(np.float32), np.float32(1.0 / np.sqrt(lam))
+
+
+class SvdHead(Head):
+    """Head whose choice view is fitted the old way (SVD of up to 256 x dim residuals, then every
+    sample whitened and averaged)."""
+
+    def _choice_fit(self, groups, z, owner, avg, means):
+        basis, scale, inv_sqrt_lam = svd_whitener(spread_residuals(z, owner, means))
+        white = lambda q: l2_normalize(q * inv_sqrt_lam + ((q @ basis.T) * scale) @ basis)
+        if self.kind == "centroid":
+            return white, l2_normalize(np.stack([white(g).mean(axis=0) for g in groups]))
+        return white, [white(g) for g in groups]

@@ -1,0 +1,160 @@
+"""The head on real embeddings (the default int8 model on clothing-small) and `edge.evaluate`."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge.engine import load_reference
+from edge.evaluate import Split, embed_bursts, load_dataset, load_unknown, run_trials
+from edge.head import Head, l2_normalize
+from edge.image import list_images
+from head_reference import SvdHead
+
+
+@pytest.fixture(scope="module")
+def clothing_split(clothing, engine):
+    """(train, test) embeddings of clothing-small, embedded once for this module."""
+    return load_dataset(clothing, engine.embed)
+
+
+@pytest.fixture(scope="module")
+def mean(engine):
+    return load_reference(engine.path, engine.dim)
+
+
+@pytest.mark.parametrize("kind", ["centroid", "knn"])
+def test_gram_refit_decides_like_the_svd_refit(kind, clothing_split, mean):
+    """The Gram-matrix whitening is the same fit as the SVD one: same decisions, same scores,
+    with few samples (10 per class) and with more rows than the 256 used for the spread."""
+    train, test = clothing_split
+    queries = np.vstack(list(test.classes.values()))
+    for shots in (10, 30):
+        samples = {c: v[:shots] for c, v in train.classes.items()}
+        new, old = Head(kind, mean=mean), SvdHead(kind, mean=mean)
+        new.set_samples(samples)
+        old.set_samples(samples)
+        (ci_new, gi_new), (ci_old, gi_old) = new.evaluate(queries), old.evaluate(queries)
+        assert np.abs(ci_new - ci_old).max() < 1e-4
+        assert np.array_equal(gi_new, gi_old)
+        assert np.array_equal(new.predict(queries)[0], old.predict(queries)[0])
+        assert np.array_equal(new.predict_closed(queries), old.predict_closed(queries))
+
+
+@pytest.fixture(scope="module")
+def registry(calibration, engine):
+    """Embeddings of the 63 registry photos (landscapes, wallpapers, objects): not clothes."""
+    return load_unknown(calibration / "registry-photos", engine.embed)
+
+
+@pytest.mark.parametrize("shots", [1, 3, 5, 10])
+@pytest.mark.parametrize("classes", [2, 3, 0])
+def test_never_worse_than_the_plain_nearest_centroid(shots, classes, clothing_split, mean):
+    """Issue 12: on the same draws, the head's closed-set accuracy is at least the plain L2
+    nearest centroid's minus 0.5 points."""
+    train, test = clothing_split
+    r = run_trials(train, test, shots=shots, trials=40, classes=classes,
+                   head_factory=lambda: Head(mean=mean))
+    gain = r["accuracy"] - r["baseline_accuracy"]
+    assert gain >= -0.005, f"{shots} shots, {classes or 'all'} classes: {gain:+.3f}"
+
+
+@pytest.mark.xfail(strict=True, reason="target of issue 12 not reached: measured +0.6 points "
+                   "(5 seeds x 100 trials), +0.8 with this seed; see docs/head.md")
+def test_three_classes_at_ten_shots_gain_a_point(clothing_split, mean):
+    train, test = clothing_split
+    r = run_trials(train, test, shots=10, trials=40, classes=3, head_factory=lambda: Head(mean=mean))
+    assert r["accuracy"] - r["baseline_accuracy"] >= 0.01
+
+
+@pytest.mark.parametrize("kind", ["centroid", "knn"])
+def test_a_big_class_does_not_win_by_count(kind, clothing_split, mean):
+    """200 samples of one class (its 10 photos, each as a burst of 20 near-duplicates) next to
+    10 of another: the small class's photos are recognised as well as with 10 against 10."""
+    train, test = clothing_split
+    rng = np.random.default_rng(0)
+    big, small = "shirt", "t-shirt"     # the pair clothing-small confuses most
+    frames = np.repeat(train.classes[big][:10], 20, axis=0)
+    frames = frames * rng.uniform(0.97, 1.03, frames.shape).astype(np.float32)
+    recall = {}
+    for name, big_samples in (("balanced", train.classes[big][:10]), ("imbalanced", frames)):
+        head = Head(kind, mean=mean)
+        head.set_samples({big: big_samples, small: train.classes[small][:10]})
+        recall[name] = float((head.predict_closed(test.classes[small]) == 1).mean())
+    assert recall["imbalanced"] >= recall["balanced"] - 0.05, recall
+
+
+def test_trials_report_the_curve_auroc_kits_and_bursts(clothing, engine, clothing_split, registry, mean):
+    train, test = clothing_split
+    head = lambda: Head(mean=mean)
+    r = run_trials(train, test, shots=5, trials=4, classes=3, holdout=2, unknown=registry,
+                   head_factory=head)
+    assert r["taught_classes"] == 3 and r["holdout_classes"] == 2
+    assert sum(1 for v in r["per_class"].values()) <= 10
+    assert 0.5 < r["holdout_auroc"] <= 1.0 and r["unknown_auroc"] > 0.9
+    offsets = [p["offset"] for p in r["curve"]]
+    assert offsets == sorted(offsets) and 0.0 in offsets
+    at = {p["offset"]: p for p in r["curve"]}
+    assert at[0.0]["known_accuracy"] == pytest.approx(r["known_accuracy"])
+    assert at[0.0]["holdout_unknown_rate"] == pytest.approx(r["holdout_unknown_rate"])
+    ka = [p["known_accuracy"] for p in r["curve"]]
+    hu = [p["holdout_unknown_rate"] for p in r["curve"]]
+    assert ka == sorted(ka, reverse=True) and hu == sorted(hu)   # a higher threshold: fewer known, more unknown
+    assert ka[0] <= r["accuracy"] + 1e-9
+    # bursts: 3 frames per shot, the first frame is the photo itself
+    few = {c: list_images(clothing / "train" / c)[:4] for c in ("hat", "shoes")}
+    bursts = {c: embed_bursts(f, engine.embed, 3) for c, f in few.items()}
+    assert bursts["hat"].shape == (4, 3, engine.dim)
+    assert np.allclose(bursts["hat"][:, 0], train.classes["hat"][:4])
+    unit = l2_normalize(bursts["hat"])
+    near = [float(unit[i, 0] @ unit[i, k]) for i in range(4) for k in (1, 2)]
+    assert all(0.6 < s < 0.9999 for s in near), near   # near-duplicates, not copies
+    rb = run_trials(Split({c: b[:, 0] for c, b in bursts.items()}, bursts), test.__class__(
+        {c: test.classes[c] for c in few}), shots=2, trials=2, head_factory=head)
+    assert rb["burst"] == 3 and rb["accuracy"] > 0.7
+
+
+def test_a_taught_nothing_class_turns_unrelated_photos_unknown(clothing_split, registry, mean):
+    """Some unrelated photos taught as "nothing": the others come back unknown more often than
+    without it, and known accuracy holds."""
+    train, test = clothing_split
+    r = run_trials(train, test, shots=10, trials=6, classes=3, unknown=registry, nothing=registry,
+                   nothing_shots=20, head_factory=lambda: Head(mean=mean))
+    assert r["nothing_images"] == 63 and r["nothing_shots"] == 20
+    assert r["nothing_unknown_rate"] >= r["unknown_rate"] - 0.02
+    assert r["nothing_unknown_rate"] > 0.9
+    assert r["nothing_known_accuracy"] >= r["known_accuracy"] - 0.03
+
+
+def test_nothing_class_takes_part_in_the_choice_but_answers_unknown(clothing_split, registry, mean):
+    train, test = clothing_split
+    head = Head(mean=mean, threshold=-1.0)     # gate always open: only the choice decides
+    head.set_samples({"hat": train.classes["hat"][:10], "shoes": train.classes["shoes"][:10],
+                      "table": registry[:30]})
+    head.set_nothing(["table"])
+    assert head.labels == ["hat", "shoes", "table"] and head.nothing == ["table"]
+    closed = head.predict_closed(registry[30:])
+    assert (closed == 2).mean() > 0.5                  # the nothing class wins most such frames
+    idx, _ = head.predict(registry[30:])
+    assert set(idx[closed == 2]) == {-1}               # ... and answers unknown for them
+    hats = head.predict(test.classes["hat"])[0]
+    assert (hats == 0).mean() > 0.8
+    head.set_nothing([])
+    assert (head.predict(registry[30:])[0] == 2).mean() > 0.5   # a plain class again
+
+
+def test_eval_cli_classes_bursts_and_nothing(clothing, calibration):
+    out = subprocess.run([sys.executable, "-m", "edge", "eval", str(clothing), "--shots", "3", "--trials", "2",
+                          "--classes", "3", "--holdout-classes", "2", "--burst", "2", "--json",
+                          "--nothing", str(calibration / "registry-photos"), "--nothing-shots", "10"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["taught_classes"] == 3 and r["burst"] == 2 and r["nothing_shots"] == 10
+    assert {"curve", "holdout_auroc", "nothing_unknown_rate", "nothing_known_accuracy"} <= set(r)
+    bad = subprocess.run([sys.executable, "-m", "edge", "eval", str(clothing), "--classes", "12"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--classes must be between 2 and 10" in bad.stderr
+    assert "Traceback" not in bad.stderr
