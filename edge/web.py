@@ -57,6 +57,13 @@ PIN_TRIES_ALL = 30             # wrong PINs from all addresses together per PIN_
 PREVIEW_QUALITY = 70
 
 
+def upload_limit(dim: int, max_per_class: int) -> int:
+    """Bytes an uploaded export file may have: every class full of float32 vectors, plus room
+    for names, settings and the zip's own overhead. The store checks the content itself."""
+    from edge.rules import MAX_CLASSES
+    return MAX_CLASSES * max_per_class * dim * 4 + (4 << 20)
+
+
 class WebServer:
     """The page's server; implements `Outputs`. `start()` binds and serves on its own thread;
     a port that cannot be bound is logged and the box runs on without the page."""

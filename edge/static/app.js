@@ -153,6 +153,7 @@ function showPicture(blob) {
   const img = $("picture");
   img.onload = () => { if (pictureUrl && pictureUrl !== url) URL.revokeObjectURL(pictureUrl); pictureUrl = url; };
   img.src = url;
+  img.hidden = false;
   img.dataset.frames = String(Number(img.dataset.frames || 0) + 1);
   $("no-picture").hidden = true;
 }
@@ -171,7 +172,7 @@ function showLeds() {
     leds.append(el);
   }
   const status = document.createElement("span");
-  status.className = "led" + (state.fault ? " rec" : " lit");
+  status.className = "led" + (state.fault ? " rec" : " ok");
   status.id = "led-status";
   status.append(document.createElement("i"), state.fault ? `status: ${state.fault}` : "status: ok");
   leds.append(status);
