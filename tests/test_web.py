@@ -632,6 +632,7 @@ def test_scratch_extension_in_the_real_scratch_vm(daemons, clothing):
                           capture_output=True, text=True, timeout=120, cwd=NODE_DIR)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["default_url"] == f"ws://127.0.0.1:{box.port}/ws", "the default address is the box itself"
     assert report["wrong_address"].startswith("box not found at ws://127.0.0.1:1/")
     assert report["wrong_pin"] == "wrong PIN"
     assert report["connected"] is True and report["problem"] == ""

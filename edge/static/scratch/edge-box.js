@@ -64,12 +64,12 @@
       return new Promise((resolve) => {
         let ws;
         try { ws = new WebSocket(url); } catch (e) { this.problem = `bad box address ${url}`; resolve(); return; }
-        let settled = false;
+        let settled = false, opened = false;
         const done = (problem) => { if (!settled) { settled = true; this.problem = problem; clearTimeout(timer); resolve(); } };
         const timer = setTimeout(() => { done(`box not found at ${url}`); try { ws.close(); } catch (e) { /* closed */ } }, TIMEOUT);
         ws.onerror = () => done(`box not found at ${url}`);
         ws.onclose = () => {
-          if (this.ws === ws) { this.ws = null; this.failAll("lost the box"); if (settled) this.problem = `lost the box at ${url}`; }
+          if (this.ws === ws) { this.ws = null; this.failAll("lost the box"); if (opened && settled) this.problem = `lost the box at ${url}`; }
           done(`box not found at ${url}`);
         };
         ws.onmessage = (ev) => {
@@ -77,6 +77,7 @@
           let m;
           try { m = JSON.parse(ev.data); } catch (e) { return; }
           if (m.type === "hello") {
+            opened = true;
             if (pin) ws.send(JSON.stringify({ type: "login", pin }));
             else done(m.pin_required ? "this box needs a PIN to teach it" : "");
           } else if (m.type === "login") {
