@@ -41,7 +41,13 @@ FILES = {  # URL -> (file under edge/static, content type). Nothing else is ever
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
     "/scratch/edge-box.js": ("scratch/edge-box.js", "text/javascript; charset=utf-8"),
+    "/scratch/editor.html": ("scratch/editor.html", "text/html; charset=utf-8"),
+    "/scratch/missing.html": ("scratch/missing.html", "text/html; charset=utf-8"),
 }
+EDITOR_DIR = Path(__file__).resolve().parent.parent / "var" / "scratch-editor"
+"""Where script/scratch-editor puts the Scratch 3 editor the box serves at /scratch/."""
+EDITOR_URL = "/scratch/editor/"
+MAX_EDITOR_FILES = 5000
 EXTENSION_URL = "/scratch/edge-box.js"
 WS_PLACEHOLDER = "__EDGE_DEFAULT_WS__"
 READ_ONLY = ("state", "samples", "thumbnails", "hints")
@@ -69,7 +75,7 @@ class WebServer:
     a port that cannot be bound is logged and the box runs on without the page."""
 
     def __init__(self, cfg, submit: Callable[[Request], None], device_id: str = "edge",
-                 max_upload: int = 16 << 20):
+                 max_upload: int = 16 << 20, editor_dir: Optional[Path] = EDITOR_DIR):
         self.cfg = cfg
         self.device_id = device_id
         self.max_upload = max_upload
@@ -77,6 +83,7 @@ class WebServer:
         self._submit = submit
         self._pin = cfg.pin
         self._files = {url: ((STATIC / name).read_bytes(), kind) for url, (name, kind) in FILES.items()}
+        self._editor = _editor_files(editor_dir)
         self._started = time.time()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
@@ -130,6 +137,9 @@ class WebServer:
         app = web.Application(client_max_size=self.max_upload, middlewares=[self._guard])
         for url in self._files:
             app.router.add_get(url, self._static)
+        app.router.add_get("/scratch/", self._scratch)
+        app.router.add_get(EDITOR_URL, self._scratch)
+        app.router.add_get(EDITOR_URL + "{name:.+}", self._editor_file)
         app.router.add_get("/ws", self._websocket)
         app.router.add_post("/api/export", self._export)
         app.router.add_post("/api/import", self._import)
@@ -271,6 +281,22 @@ class WebServer:
         if request.path == EXTENSION_URL:
             body = body.replace(WS_PLACEHOLDER.encode(), json.dumps(_ws_url(request)).encode())
         return web.Response(body=body, headers={"Content-Type": kind, "Cache-Control": "no-cache"})
+
+    async def _scratch(self, request: web.Request) -> web.Response:
+        """The Scratch editor with the box's blocks, or how to get it when it is not installed.
+        Served at /scratch/editor/ because the editor loads its pictures relative to the page."""
+        if request.path != EDITOR_URL:
+            raise web.HTTPFound(EDITOR_URL)
+        body, kind = self._files["/scratch/editor.html" if self._editor else "/scratch/missing.html"]
+        return web.Response(body=body, headers={"Content-Type": kind, "Cache-Control": "no-cache"})
+
+    async def _editor_file(self, request: web.Request) -> web.StreamResponse:
+        """One file of the editor, looked up in the table made at start (the request names no path)."""
+        found = self._editor.get(request.match_info["name"])
+        if found is None:
+            raise web.HTTPNotFound()
+        path, kind = found
+        return web.FileResponse(path, headers={"Content-Type": kind, "Cache-Control": "max-age=86400"})
 
     # --- the WebSocket -----------------------------------------------------------------------
 
@@ -448,6 +474,33 @@ class _Client:
                     await self.ws.send_bytes(frame)
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
             pass
+
+
+def _editor_files(folder: Optional[Path]) -> Dict[str, tuple]:
+    """Relative URL -> (file, content type) of every regular file under the editor's folder,
+    listed once at start; symbolic links and hidden files are left out."""
+    import mimetypes
+    table: Dict[str, tuple] = {}
+    if folder is None or not folder.is_dir():
+        return table
+    root = folder.resolve()
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or path.is_symlink() or not path.is_file() \
+                or root not in path.resolve().parents:
+            continue
+        if len(table) >= MAX_EDITOR_FILES:
+            log.warning("web: more than %d files in %s; the rest are not served", MAX_EDITOR_FILES, folder)
+            break
+        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if kind.startswith("text/") or kind in ("application/javascript", "application/json", "image/svg+xml"):
+            kind = ("text/javascript" if kind == "application/javascript" else kind) + "; charset=utf-8"
+        table[rel.as_posix()] = (path, kind)
+    if "scratch-gui.js" not in table:
+        log.warning("web: %s has no scratch-gui.js; run script/scratch-editor again", folder)
+        return {}
+    log.info("web: Scratch editor from %s (%d files)", folder, len(table))
+    return table
 
 
 # --- helpers -------------------------------------------------------------------------------------

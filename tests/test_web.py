@@ -640,3 +640,46 @@ def test_scratch_extension_in_the_real_scratch_vm(daemons, clothing):
     assert report["teach_result"] == "ok"
     assert report["examples_after"] >= report["examples_before"] + 3
     assert report["label_after"] == "A"
+
+
+def test_the_box_serves_a_scratch_editor_with_its_blocks(daemons, browser, clothing):
+    from edge.web import EDITOR_DIR
+    if not (EDITOR_DIR / "scratch-gui.js").is_file():
+        message = f"no Scratch editor in {EDITOR_DIR} (run script/scratch-editor)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    box = daemons(pin="2468")
+    box.show(photos(clothing, "hat"))
+    box.start()
+    driver = browser()
+    driver.get(box.url + "scratch/")
+    assert driver.current_url == box.url + "scratch/editor/"
+    categories = lambda: [e.text for e in driver.find_elements("css selector", ".scratchCategoryMenuItem")]  # noqa: E731
+    wait_until(lambda: "edge box" in categories(), 60, 0.5, "the edge box blocks in the editor")
+    item = [e for e in driver.find_elements("css selector", ".scratchCategoryMenuItem") if e.text == "edge box"][0]
+    item.click()
+    time.sleep(1.0)
+    screenshot(driver, "web-scratch.png")
+    driver.set_script_timeout(60)
+    report = driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        (async () => {
+          const p = vm.runtime._primitives;           // the blocks as the VM runs them
+          const url = edgeBox.getInfo().blocks.find((b) => b.opcode === "connect").arguments.URL.defaultValue;
+          await p.edgebox_connect({URL: url, PIN: "2468"});
+          const out = {url, connected: p.edgebox_isConnected(), problem: p.edgebox_getProblem()};
+          await new Promise((r) => setTimeout(r, 1000));
+          out.before = p.edgebox_samples({CLASS: "A"});
+          await p.edgebox_teach({CLASS: "A", COUNT: 4});
+          out.answer = p.edgebox_getResult();
+          await new Promise((r) => setTimeout(r, 3000));
+          out.after = p.edgebox_samples({CLASS: "A"});
+          out.label = p.edgebox_getLabel();
+          return out;
+        })().then(done, (e) => done({error: String(e)}));
+    """)
+    assert report.get("url") == f"ws://127.0.0.1:{box.port}/ws", report
+    assert report["connected"] is True and report["problem"] == "", report
+    assert report["answer"] == "ok", report
+    assert report["after"] >= report["before"] + 3, report
