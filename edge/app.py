@@ -1,31 +1,37 @@
 """The box: the one loop that owns all state (samples, classes, mode), and the composition root.
 
 Frames flow one way: camera -> engine -> head -> smoothing -> LEDs and outputs. Commands flow the
-other way into one queue: buttons (gpiozero threads), MQTT (its network thread), the terminal
-simulator. Only the loop thread touches the store, the head and the LEDs' meaning, so the domain
-code needs no locks and a button can never race an MQTT message.
+other way into one queue: buttons (gpiozero threads), MQTT (its network thread), the web page,
+the terminal simulator. Only the loop thread touches the store, the head and the LEDs' meaning,
+so the domain code needs no locks and a button can never race an MQTT message. Each command is
+one store transaction (edge.store), and is announced only after it was saved.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import logging
 import queue
+import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from edge import __version__
+from edge import __version__, commands as C, rules
+from edge.commands import Decision, Outputs
 from edge.camera import Camera, CameraError
 from edge.engine import Embedder, ModelError, load_reference
 from edge.head import Head, gate_features
 from edge.image import ImageError
 from edge.panel import Panel, Press
 from edge.smoothing import UNKNOWN, Smoother
-from edge.store import Store, StoreError
+from edge.store import SOURCES, NotFound, Store, StoreError
 from edge.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -34,29 +40,10 @@ UNKNOWN_LABEL = "unknown"
 SHORT_PRESS = 1.0        # function button released before this: undo the last burst
 CLEAR_ALL_HOLD = 5.0     # function button held this long alone: clear everything
 CAMERA_BACKOFF = (0.5, 10.0)
-
-
-@dataclass
-class Command:
-    """A request from outside the loop (MQTT, CLI, tests). `reply` receives the result dict."""
-
-    action: str
-    args: dict = field(default_factory=dict)
-    id: Optional[str] = None
-    reply: Optional[Callable[[dict], None]] = None
-
-
-@dataclass
-class Decision:
-    """What the box concluded about one frame."""
-
-    label: str
-    index: int
-    confidence: float
-    scores: Dict[str, float]
-    ts: float
-    frame: int
-    changed: bool
+PREVIEW_PERIOD = 0.2     # seconds between model-view pictures for outputs that show them
+THUMBNAIL_SIZE = 96      # pixels: a sample's picture in the store (web gallery)
+FEW_SAMPLES = 10         # fewer than this: a hint to teach a class more
+FAULT_ORDER = ("model", "storage", "camera")   # the status LED shows the first present
 
 
 @dataclass
@@ -64,22 +51,14 @@ class Recording:
     """A burst of samples being recorded for one class."""
 
     name: str
-    source: str                      # "button" or "command"
+    source: str                      # a store source: button, mqtt, web
+    by_button: bool = False
     until: Optional[float] = None    # monotonic deadline (timed command)
     count: Optional[int] = None      # samples still wanted (counted command)
+    burst: Optional[int] = None      # store burst id, taken with the first sample
     added: int = 0
     next_at: float = 0.0
     last: Optional[np.ndarray] = None
-
-
-class Outputs:
-    """Where the box reports; MQTT implements it. Calls come from the loop thread only."""
-
-    def decision(self, decision: Decision) -> None: ...
-
-    def state(self, state: dict) -> None: ...
-
-    def event(self, event: dict) -> None: ...
 
 
 class CommandError(ValueError):
@@ -90,42 +69,43 @@ class Box:
     """Owns the knowledge and the mode; runs the frame loop. Everything else talks via `submit`."""
 
     def __init__(self, cfg, engine: Embedder, store: Store, camera: Optional[Camera], panel: Optional[Panel],
-                 notifier: Optional[Notifier] = None, outputs: Optional[List[Outputs]] = None,
-                 max_classes: int = 8):
+                 notifier: Optional[Notifier] = None, outputs: Optional[List[Outputs]] = None):
         self.cfg = cfg
         self.engine = engine
         self.store = store
         self.camera = camera
         self.panel = panel
         self.notifier = notifier or Notifier(address="")
-        self.outputs: List[Outputs] = list(outputs or [])
-        self.max_classes = max_classes
+        self.outputs: List = list(outputs or [])
         self.queue: "queue.Queue" = queue.Queue()
         self.stop_event = threading.Event()
-
-        self.button_classes = [c.name for c in cfg.classes]
-        knowledge = store.knowledge
-        self.head = Head(cfg.head.kind, k=cfg.head.k, mean=load_reference(engine.path, engine.dim),
-                         threshold=knowledge.settings.get("threshold", cfg.head.threshold))
-        self.head.set_samples(dict(knowledge.classes))
+        self.started = time.time()
+        self.wiring = {c.name: c for c in cfg.classes}   # config class name -> its pins
+        self.faults: Dict[str, str] = {}
         self.smoother = Smoother(cfg.head.smoothing, cfg.head.hysteresis)
         self.recording: Optional[Recording] = None
-        self.bursts: List[tuple] = []     # (class, samples added) for undo, newest last
         self.ignored: set = set()          # buttons held since start: ignored until released
         self.function_down: Optional[float] = None
         self.function_used = False
         self.frames = 0
         self.label = UNKNOWN_LABEL
-        self.fault: Optional[str] = None
+        self.view: Optional[np.ndarray] = None   # the model's input of the newest frame
+        self._preview_at = 0.0
         self._camera_open = False
         self._camera_retry_at = 0.0
         self._camera_failures = 0
         self._period = 1.0 / cfg.capture.rate
+        for message in store.faults:
+            self._fault_on("storage", message)
+        self._reconcile()
+        self.head = Head(cfg.head.kind, k=cfg.head.k, mean=load_reference(engine.path, engine.dim),
+                         threshold=self._threshold_setting())
+        self._refit()
 
     # --- public, thread-safe -----------------------------------------------------------------
 
     def submit(self, item) -> None:
-        """Queue a Press or a Command for the loop (safe from any thread)."""
+        """Queue a Press or a commands.Request for the loop (safe from any thread)."""
         self.queue.put(item)
 
     def stop(self) -> None:
@@ -136,43 +116,112 @@ class Box:
 
     @property
     def classes(self) -> List[str]:
-        """Button classes in button order, then classes known only from samples or commands."""
-        names = [self._button_class(b) for b in self.button_classes]
-        extra = self.store.knowledge.settings.get("extra_classes", [])
-        for name in list(self.store.knowledge.classes) + list(extra):
-            if name not in names:
-                names.append(name)
-        return names
+        """Every class in the store's order (button classes first on a new box)."""
+        return [c.name for c in self.store.classes()]
+
+    @property
+    def fault(self) -> Optional[str]:
+        for code in FAULT_ORDER:
+            if code in self.faults:
+                return code
+        return None
+
+    def button_class(self, button: str) -> Optional[str]:
+        """The current name of the class a config button is bound to (it follows renames)."""
+        for c in self.store.classes():
+            if c.button == button:
+                return c.name
+        return None
 
     def state(self) -> dict:
-        counts = self.store.knowledge.counts()
+        infos = self.store.classes()
+        thresholds = self.head.class_thresholds() if hasattr(self.head, "class_thresholds") else {}
         return {
             "mode": "recording" if self.recording else "classifying",
             "recording": self.recording.name if self.recording else None,
-            "classes": [{"name": n, "samples": counts.get(n, 0)} for n in self.classes],
+            "classes": [{"name": c.name, "samples": c.count, "nothing": c.nothing, "button": c.button is not None,
+                         "led": self.led_of(c.name) is not None,
+                         **({"threshold": round(float(thresholds[c.name]), 4)} if c.name in thresholds else {})}
+                        for c in infos],
             "head": self.cfg.head.kind,
             "threshold": self.head.threshold_setting,
             "threshold_value": round(float(self.head.threshold), 4),
             "model": self.engine.path.name,
             "model_sha256": self.engine.model_id,
             "version": __version__,
+            "uptime": round(time.time() - self.started, 1),
             "fault": self.fault,
+            "faults": dict(self.faults),
         }
+
+    # --- start: config and store agree -------------------------------------------------------
+
+    def _reconcile(self) -> None:
+        """Bind each config button to its class (adding new ones), unbind buttons the config no
+        longer has, apply `nothing: true` from the config: one command, logged."""
+        try:
+            with self.store.command():
+                infos = self.store.classes()
+                bound = {c.button for c in infos if c.button is not None}
+                for c in infos:
+                    if c.button is not None and c.button not in self.wiring:
+                        self.store.bind_button(c.name, None)
+                        log.info("class %s has no button in the config any more; it stays, without "
+                                 "button or LED (remove it over MQTT or the web page)", c.name)
+                for name, wiring in self.wiring.items():
+                    if name in bound:
+                        continue
+                    same = [c for c in self.store.classes() if c.name.casefold() == name.casefold()]
+                    if same and same[0].button is None:
+                        self.store.bind_button(same[0].name, name)
+                    elif not same:
+                        if len(self.store.classes()) >= rules.MAX_CLASSES:
+                            log.error("class %s from the config does not fit: the box knows %d classes "
+                                      "already (remove one)", name, rules.MAX_CLASSES)
+                            continue
+                        self.store.add_class(name, button=name)
+                for name, wiring in self.wiring.items():
+                    cls = self.button_class(name)
+                    if cls is not None and getattr(wiring, "nothing", False):
+                        if not next(c for c in self.store.classes() if c.name == cls).nothing:
+                            self.store.set_nothing(cls, True)
+        except (StoreError, rules.RuleError) as exc:
+            self._storage_fault(exc)
+        extra = [c.name for c in self.store.classes() if c.button is None]
+        if extra:
+            log.info("classes without a button (taught over MQTT, the web page or an import): %s",
+                     ", ".join(extra))
+
+    def _threshold_setting(self):
+        """Precedence: a threshold set live (MQTT, web) wins while config.yaml still says what it
+        said then; once config.yaml's value is changed, the file wins. Logged at start."""
+        settings = self.store.settings()
+        live, seen = settings.get("threshold"), settings.get("threshold_config")
+        configured = self.cfg.head.threshold
+        if live is None:
+            log.info("threshold: %s (config.yaml)", configured)
+            return configured
+        if seen == configured:
+            log.info("threshold: %s (set live; config.yaml still says %s)", live, configured)
+            return live
+        log.info("threshold: %s (config.yaml changed since %s was set live)", configured, live)
+        return configured
 
     # --- the loop ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Run until stop(): commands, frames, LEDs, watchdog."""
+        """Run until stop(): commands, frames, LEDs, watchdog (fed only after a healthy step)."""
         if self.panel is not None:
             self.ignored = set(self.panel.held())
             if self.ignored:
                 log.info("ignoring buttons held at start until released: %s", ", ".join(sorted(self.ignored)))
-        self._set_fault(None)
+        self._show_status()
         self._announce_state()
         self.notifier.ready(f"classes: {', '.join(self.classes)}")
         while not self.stop_event.is_set():
             try:
                 self.step()
+                self.notifier.watchdog()
             except Exception as exc:  # a bug must not take the classroom box down; log it loudly
                 log.exception("unexpected error in the frame loop")
                 self._emit({"event": "error", "source": "internal", "message": f"{type(exc).__name__}: {exc}"})
@@ -183,7 +232,6 @@ class Box:
         """One turn: handle queued commands, then one frame (or a camera retry)."""
         self._drain()
         self._check_function_hold()
-        self.notifier.watchdog()
         frame = self._next_frame()
         if frame is None:
             if self.recording is not None and self.recording.until is not None \
@@ -192,12 +240,15 @@ class Box:
             self._check_links()
             return
         try:
-            vec = self.engine.embed(frame)
+            rgb = self.engine.prepare(frame)
+            vec = self.engine.invoke(rgb)
         except ImageError as exc:
             self._camera_fault(f"camera sent an unusable frame: {exc}")
             return
         self.frames += 1
+        self.view = rgb
         self.process(vec)
+        self._preview(rgb)
         self._check_links()
 
     def process(self, vec: np.ndarray) -> Optional[Decision]:
@@ -236,7 +287,7 @@ class Box:
         if self._camera_failures:
             log.info("camera is back after %d failed attempts", self._camera_failures)
             self._camera_failures = 0
-            self._set_fault(None)
+            self._fault_off("camera")
         return frame
 
     def _camera_fault(self, message: str) -> None:
@@ -250,7 +301,7 @@ class Box:
             self.camera.close()
         self._camera_open = False
         self._camera_retry_at = time.monotonic() + delay
-        self._set_fault("camera")
+        self._fault_on("camera", message)
 
     # --- commands ----------------------------------------------------------------------------
 
@@ -276,74 +327,179 @@ class Box:
         if isinstance(item, Press):
             self._press(item)
             return
-        result = {"action": item.action, "ok": True}
+        result = self.execute(item.command, item.source)
         if item.id is not None:
             result["id"] = item.id
-        try:
-            extra = self.execute(item.action, item.args)
-            if extra:
-                result.update(extra)
-        except CommandError as exc:
-            result.update(ok=False, error=str(exc))
-        except StoreError as exc:
-            self._storage_fault(exc)
-            result.update(ok=False, error=f"storage: {exc}")
         if item.reply is not None:
             try:
                 item.reply(result)
             except Exception:  # a broken reply channel must not stop the box
                 log.exception("sending a command result failed")
 
-    def execute(self, action: str, args: dict) -> Optional[dict]:
-        """Carry out one command (loop thread only). Raises CommandError when it cannot."""
-        if action == "record":
-            name = self._known_class(args.get("class"))
-            seconds, count = args.get("seconds"), args.get("count")
-            if seconds is None and count is None:
-                seconds = 3.0
-            self._start_recording(name, "command",
-                                  until=None if seconds is None else time.monotonic() + float(seconds),
-                                  count=None if count is None else int(count))
-        elif action == "record/stop":
-            if self.recording is None:
-                raise CommandError("not recording")
-            self._end_recording()
-        elif action == "undo":
-            self._undo()
-        elif action == "clear":
-            name = args.get("class")
-            if name:
-                self._clear(self._known_class(name))
-            else:
-                self._clear_all()
-        elif action == "rename":
-            self._rename(self._known_class(args.get("from")), args.get("to"))
-        elif action == "threshold":
-            self._set_threshold(args.get("value"))
-        elif action == "classes":
-            self._edit_classes(args.get("add"), args.get("remove"))
-        elif action == "state":
-            self._announce_state()
-        else:
-            raise CommandError(f"unknown action {action!r}")
-        return None
+    def execute(self, command: C.Command, source: str = "mqtt") -> dict:
+        """Carry out one command (loop thread only); always returns its result dict."""
+        result = {"action": command.action, "ok": True}
+        handler = self.HANDLERS.get(type(command))
+        try:
+            if handler is None:
+                raise CommandError(f"{command.action} cannot be run here")
+            extra = handler(self, command, source)
+            if extra:
+                result.update(extra)
+        except (CommandError, rules.RuleError, NotFound) as exc:
+            result.update(ok=False, error=str(exc).strip("'\""))
+        except StoreError as exc:
+            self._storage_fault(exc)
+            result.update(ok=False, error=f"storage: {exc}")
+        return result
 
-    def _known_class(self, name) -> str:
-        if not isinstance(name, str) or not name:
-            raise CommandError("a class name is required")
-        for known in self.classes:
-            if known.lower() == name.lower():
-                return known
-        raise CommandError(f"unknown class {name!r} (classes: {', '.join(self.classes)})")
+    def _known(self, name) -> str:
+        try:
+            return rules.find_class(name, self.classes)
+        except rules.RuleError as exc:
+            raise CommandError(str(exc)) from None
+
+    def _do_record(self, cmd: C.Record, source: str):
+        name = self._known(cmd.cls)
+        self._start_recording(name, source,
+                              until=None if cmd.seconds is None else time.monotonic() + cmd.seconds,
+                              count=cmd.count)
+
+    def _do_stop(self, cmd, source):
+        if self.recording is None:
+            raise CommandError("not recording")
+        self._end_recording()
+
+    def _do_undo(self, cmd, source):
+        self._undo()
+
+    def _do_clear(self, cmd: C.Clear, source):
+        if cmd.cls is None:
+            self._clear_all()
+        else:
+            self._clear(self._known(cmd.cls))
+
+    def _do_rename(self, cmd: C.Rename, source):
+        old = self._known(cmd.old)
+        new = rules.new_class_name(cmd.new, self.classes, replacing=old)
+        if self.recording is not None and self.recording.name == old:
+            self._end_recording()
+        with self.store.command():
+            self.store.rename_class(old, new)
+        self._refit()
+        self._emit({"event": "class_renamed", "from": old, "to": new})
+        self._announce_state()
+
+    def _do_threshold(self, cmd: C.SetThreshold, source):
+        with self.store.command():
+            self.store.set_setting("threshold", cmd.value)
+            self.store.set_setting("threshold_config", self.cfg.head.threshold)
+        self.head.set_threshold(cmd.value)
+        self._announce_state()
+
+    def _do_add(self, cmd: C.AddClass, source):
+        name = rules.new_class_name(cmd.name, self.classes)
+        if len(self.classes) >= rules.MAX_CLASSES:
+            raise CommandError(f"at most {rules.MAX_CLASSES} classes")
+        with self.store.command():
+            self.store.add_class(name)
+        self._emit({"event": "class_added", "class": name})
+        self._announce_state()
+
+    def _do_remove(self, cmd: C.RemoveClass, source):
+        name = self._known(cmd.name)
+        info = next(c for c in self.store.classes() if c.name == name)
+        if info.button is not None:
+            raise CommandError(f"class {name!r} is in config.yaml (its button and LED); clear it instead, "
+                               f"or remove it from the config")
+        if self.recording is not None and self.recording.name == name:
+            self._end_recording()
+        with self.store.command():
+            self.store.remove_class(name)
+        self._refit()
+        self._emit({"event": "class_removed", "class": name})
+        self._announce_state()
+
+    def _do_nothing(self, cmd: C.SetNothing, source):
+        name = self._known(cmd.cls)
+        with self.store.command():
+            self.store.set_nothing(name, cmd.nothing)
+        self._refit()
+        self._announce_state()
+
+    def _do_state(self, cmd, source):
+        self._announce_state()
+        return {"state": self.state()}
+
+    def _do_samples(self, cmd: C.ListSamples, source):
+        name = self._known(cmd.cls)
+        rows = self.store.samples(name, limit=cmd.limit, before=cmd.before)
+        count = next(c.count for c in self.store.classes() if c.name == name)
+        return {"class": name, "count": count,
+                "samples": [{"id": r.id, "ts": round(r.ts, 3), "source": r.source, "burst": r.burst,
+                             "thumbnail": r.thumbnail} for r in rows]}
+
+    def _do_delete_sample(self, cmd: C.DeleteSample, source):
+        try:
+            with self.store.command():
+                name = self.store.delete_sample(cmd.id)
+        except KeyError:
+            raise CommandError(f"no sample with id {cmd.id}") from None
+        self._class_changed(name)
+        self._emit({"event": "sample_deleted", "class": name, "id": cmd.id})
+        self._announce_state()
+        return {"class": name}
+
+    def _do_delete_burst(self, cmd: C.DeleteBurst, source):
+        try:
+            with self.store.command():
+                name, removed = self.store.delete_burst(cmd.burst)
+        except KeyError:
+            raise CommandError(f"no burst {cmd.burst}") from None
+        if not removed:
+            raise CommandError(f"no burst {cmd.burst}")
+        self._class_changed(name)
+        self._emit({"event": "burst_deleted", "class": name, "burst": cmd.burst, "removed": removed})
+        self._announce_state()
+        return {"class": name, "removed": removed}
+
+    def _do_thumbnails(self, cmd: C.Thumbnails, source):
+        out = {}
+        for sample_id in cmd.ids:
+            data = self.store.thumbnail(sample_id)
+            if data is not None:
+                out[str(sample_id)] = base64.b64encode(data).decode("ascii")
+        return {"thumbnails": out}
+
+    def _do_hints(self, cmd, source):
+        return {"hints": self.hints()}
+
+    def _do_export(self, cmd: C.Export, source):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "edge-export"
+            self.store.export(path, thumbnails=cmd.thumbnails)
+            return {"data": path.read_bytes()}
+
+    def _do_import(self, cmd: C.Import, source):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "upload"
+            path.write_bytes(cmd.data)
+            self._end_recording()
+            note = import_file(self.store, self.cfg, path)
+        self._refit()
+        self._emit({"event": "imported", "message": note})
+        self._announce_state()
+        return {"message": note}
+
+    HANDLERS: Dict[type, Callable] = {
+        C.Record: _do_record, C.StopRecording: _do_stop, C.Undo: _do_undo, C.Clear: _do_clear,
+        C.Rename: _do_rename, C.SetThreshold: _do_threshold, C.AddClass: _do_add,
+        C.RemoveClass: _do_remove, C.SetNothing: _do_nothing, C.State: _do_state,
+        C.ListSamples: _do_samples, C.DeleteSample: _do_delete_sample, C.DeleteBurst: _do_delete_burst,
+        C.Thumbnails: _do_thumbnails, C.Hints: _do_hints, C.Export: _do_export, C.Import: _do_import,
+    }
 
     # --- buttons -----------------------------------------------------------------------------
-
-    def _button_class(self, button: str) -> Optional[str]:
-        """The current name of a class button (it follows renames)."""
-        if button not in self.button_classes:
-            return None
-        renames = self.store.knowledge.settings.get("renames", {})
-        return renames.get(button, button)
 
     def _press(self, press: Press) -> None:
         if press.button in self.ignored:
@@ -359,7 +515,7 @@ class Box:
                 if not self.function_used and held < SHORT_PRESS:
                     self._safely(self._undo)
             return
-        name = self._button_class(press.button)
+        name = self.button_class(press.button)
         if name is None:
             return
         if press.pressed:
@@ -367,8 +523,8 @@ class Box:
                 self.function_used = True
                 self._safely(lambda: self._clear(name))
             else:
-                self._start_recording(name, "button")
-        elif self.recording is not None and self.recording.name == name and self.recording.source == "button":
+                self._start_recording(name, "button", by_button=True)
+        elif self.recording is not None and self.recording.name == name and self.recording.by_button:
             self._end_recording()
 
     def _check_function_hold(self) -> None:
@@ -388,14 +544,13 @@ class Box:
 
     # --- recording ---------------------------------------------------------------------------
 
-    def _start_recording(self, name: str, source: str, until=None, count=None) -> None:
+    def _start_recording(self, name: str, source: str, until=None, count=None, by_button=False) -> None:
+        source = source if source in SOURCES else "mqtt"
         if self.recording is not None:
-            if self.recording.name == name and self.recording.source == source:
+            if self.recording.name == name and self.recording.by_button == by_button:
                 return
             self._end_recording()
-        if count is not None and count < 1:
-            raise CommandError("count must be at least 1")
-        self.recording = Recording(name, source, until=until, count=count)
+        self.recording = Recording(name, source, by_button=by_button, until=until, count=count)
         log.info("recording %s", name)
         self._announce_state()
 
@@ -410,8 +565,13 @@ class Box:
         view = gate_features(vec[np.newaxis], self.head.mean)[0]
         if rec.last is not None and 1.0 - float(view @ rec.last) < self.cfg.capture.min_change:
             return  # near-duplicate of the previous sample: nothing new to learn
+        thumb = self._thumbnail() if self.cfg.store.thumbnails else None
         try:
-            self.store.append({"op": "add", "class": rec.name, "vectors": vec[np.newaxis].astype(np.float32)})
+            with self.store.command():
+                if rec.burst is None:
+                    rec.burst = self.store.new_burst()
+                self.store.add_samples(rec.name, vec[np.newaxis].astype(np.float32), rec.source, rec.burst,
+                                       thumbnails=[thumb])
         except StoreError as exc:
             self._storage_fault(exc)
             self._end_recording()
@@ -420,52 +580,66 @@ class Box:
         rec.last = view
         rec.next_at = now + self._period
         self._class_changed(rec.name)
-        self._emit({"event": "sample_added", "class": rec.name,
-                    "samples": self.store.knowledge.counts().get(rec.name, 0)})
+        self._emit({"event": "sample_added", "class": rec.name, "samples": self._count(rec.name)})
         if rec.count is not None:
             rec.count -= 1
             if rec.count <= 0:
                 self._end_recording()
 
+    def _thumbnail(self) -> Optional[bytes]:
+        if self.view is None:
+            return None
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.fromarray(self.view).resize((THUMBNAIL_SIZE, THUMBNAIL_SIZE)).save(buf, "JPEG", quality=80)
+        return buf.getvalue()
+
     def _end_recording(self) -> None:
         rec, self.recording = self.recording, None
         if rec is None:
             return
-        if rec.added:
-            self.bursts.append((rec.name, rec.added))
-            del self.bursts[:-50]
         log.info("recorded %d samples of %s", rec.added, rec.name)
-        self._emit({"event": "recording_stopped", "class": rec.name, "added": rec.added})
+        self._emit({"event": "recording_stopped", "class": rec.name, "added": rec.added, "burst": rec.burst})
         self._announce_state()
 
     # --- changes to what the box knows -------------------------------------------------------
 
-    def _class_changed(self, name: str) -> None:
-        self.head.set_class(name, self.store.knowledge.classes.get(name, np.zeros((0, self.engine.dim), np.float32)))
+    def _count(self, name: str) -> int:
+        return next((c.count for c in self.store.classes() if c.name == name), 0)
+
+    def _refit(self) -> None:
+        """Give the head everything the store holds (after a change of classes)."""
+        infos = self.store.classes()
+        vectors = self.store.all_vectors()
+        self.head.set_samples({c.name: vectors[c.name] for c in infos})
+        if hasattr(self.head, "set_nothing"):
+            self.head.set_nothing([c.name for c in infos if c.nothing])
         self.smoother.reset()
-        if self.fault == "storage":
-            self._set_fault(None)
+
+    def _class_changed(self, name: str) -> None:
+        self.head.set_class(name, self.store.vectors(name))
+        self.smoother.reset()
+        self._fault_off("storage")
 
     def _undo(self) -> None:
         if self.recording is not None:
             self._end_recording()
-        if not self.bursts:
+        last = self.store.last_burst()
+        if last is None:
             raise CommandError("nothing to undo")
-        name, n = self.bursts[-1]
-        if name in self.store.knowledge.classes:
-            self.store.append({"op": "remove_last", "class": name, "n": n})
-        self.bursts.pop()
+        name, burst, _ = last
+        with self.store.command():
+            _, removed = self.store.delete_burst(burst)
         self._class_changed(name)
         self._flash([name])
-        self._emit({"event": "burst_undone", "class": name, "removed": n})
+        self._emit({"event": "burst_undone", "class": name, "removed": removed, "burst": burst})
         self._announce_state()
 
     def _clear(self, name: str) -> None:
         if self.recording is not None and self.recording.name == name:
             self._end_recording()
-        if name in self.store.knowledge.classes:
-            self.store.append({"op": "clear", "class": name})
-        self.bursts = [b for b in self.bursts if b[0] != name]
+        with self.store.command():
+            self.store.clear(name)
         self._class_changed(name)
         self._flash([name])
         self._emit({"event": "class_cleared", "class": name})
@@ -473,91 +647,61 @@ class Box:
 
     def _clear_all(self) -> None:
         self._end_recording()
-        self.store.append({"op": "clear_all"})
-        self.bursts.clear()
-        self.head.set_samples({})
-        self.smoother.reset()
+        with self.store.command():
+            self.store.clear_all()
+        self._refit()
+        self._fault_off("storage")
         self._flash(self.classes)
         self._emit({"event": "all_cleared"})
         self._announce_state()
 
-    def _rename(self, old: str, new) -> None:
-        if not isinstance(new, str) or not new.strip() or len(new) > 32:
-            raise CommandError("'to' must be a name of 1 to 32 characters")
-        new = new.strip()
-        if new.lower() == UNKNOWN_LABEL:
-            raise CommandError("'unknown' is reserved")
-        if any(c.lower() == new.lower() for c in self.classes if c != old):
-            raise CommandError(f"a class named {new!r} exists already")
-        settings = self.store.knowledge.settings
-        renames = dict(settings.get("renames", {}))
-        for button in self.button_classes:
-            if renames.get(button, button) == old:
-                renames[button] = new
-        extra = [new if e == old else e for e in settings.get("extra_classes", [])]
-        if old in self.store.knowledge.classes:
-            self.store.append({"op": "rename", "from": old, "to": new})
-        self.store.append({"op": "settings", "values": {"renames": renames, "extra_classes": extra}})
-        self.bursts = [(new if b[0] == old else b[0], b[1]) for b in self.bursts]
-        self.head.set_samples(dict(self.store.knowledge.classes))
-        self.smoother.reset()
-        self._emit({"event": "class_renamed", "from": old, "to": new})
-        self._announce_state()
-
-    def _set_threshold(self, value) -> None:
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            value = "auto"
-        else:
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise CommandError("threshold must be 'auto' or a number from -1 to 1") from None
-            if not -1.0 <= value <= 1.0:
-                raise CommandError("threshold must be 'auto' or a number from -1 to 1")
-        self.store.append({"op": "settings", "values": {"threshold": value}})
-        self.head.set_threshold(value)
-        self._announce_state()
-
-    def _edit_classes(self, add, remove) -> None:
-        extra = list(self.store.knowledge.settings.get("extra_classes", []))
-        if add:
-            if not isinstance(add, str) or not add.strip() or len(add) > 32:
-                raise CommandError("'add' must be a name of 1 to 32 characters")
-            add = add.strip()
-            if add.lower() == UNKNOWN_LABEL or any(c.lower() == add.lower() for c in self.classes):
-                raise CommandError(f"class {add!r} exists already or is reserved")
-            if len(self.classes) >= self.max_classes:
-                raise CommandError(f"at most {self.max_classes} classes")
-            extra.append(add)
-        if remove:
-            name = self._known_class(remove)
-            if name in [self._button_class(b) for b in self.button_classes]:
-                raise CommandError(f"class {name!r} has a button; clear it instead")
-            if name in self.store.knowledge.classes:
-                self.store.append({"op": "clear", "class": name})
-            extra = [e for e in extra if e != name]
-            self._class_changed(name)
-        if not add and not remove:
-            raise CommandError("give 'add' or 'remove'")
-        self.store.append({"op": "settings", "values": {"extra_classes": extra}})
-        self._announce_state()
-
     def _storage_fault(self, exc: Exception) -> None:
         log.error("storage: %s", exc)
-        self._set_fault("storage")
+        self._fault_on("storage", str(exc))
         self._emit({"event": "error", "source": "storage", "message": str(exc)})
+
+    def hints(self) -> List[str]:
+        """Plain-words advice from what the box holds: too few samples, classes easily confused
+        (leave-one-out nearest centroid over the stored samples)."""
+        infos = [c for c in self.store.classes()]
+        out = [f"{c.name} has only {c.count} pictures: hold its button a little longer while you "
+               f"move the thing around" for c in infos if 0 < c.count < FEW_SAMPLES]
+        out += [f"{c.name} has no pictures yet" for c in infos if c.count == 0]
+        taught = [c.name for c in infos if c.count >= 2]
+        if len(taught) >= 2:
+            views = {n: gate_features(self.store.vectors(n), self.head.mean) for n in taught}
+            sums = {n: v.sum(axis=0) for n, v in views.items()}
+            for a in taught:
+                cents = np.stack([sums[b] / len(views[b]) for b in taught])
+                cents /= np.linalg.norm(cents, axis=1, keepdims=True) + 1e-9
+                own = (sums[a][None, :] - views[a]) / (len(views[a]) - 1)
+                own /= np.linalg.norm(own, axis=1, keepdims=True) + 1e-9
+                sims = views[a] @ cents.T
+                sims[:, taught.index(a)] = np.einsum("ij,ij->i", views[a], own)
+                wrong = sims.argmax(axis=1)
+                for j, b in enumerate(taught):
+                    share = float(np.mean(wrong == j)) if b != a else 0.0
+                    if share >= 0.2:
+                        out.append(f"{a} and {b} look alike to the box: {round(share * 100)}% of {a}'s "
+                                   f"pictures are closer to {b}. Show each from more sides, or with "
+                                   f"different backgrounds")
+        return out
 
     # --- recognising -------------------------------------------------------------------------
 
     def _classify(self, vec: np.ndarray) -> Decision:
         choice, gate = self.head.evaluate(vec)
         labels = self.head.labels
+        if self.camera is not None and self.camera.name == "mqtt":
+            self.smoother.reset()   # each picture sent over MQTT gets its own answer
         index = self.smoother.update(choice[0], gate[0], self.head.threshold)
         label = labels[index] if index != UNKNOWN else UNKNOWN_LABEL
+        if label != UNKNOWN_LABEL and self._is_nothing(label):
+            label = UNKNOWN_LABEL
         changed = label != self.label
         self.label = label
-        confidence = self.smoother.confidence()
-        decision = Decision(label=label, index=self.classes.index(label) if index != UNKNOWN else -1,
+        confidence = self.smoother.confidence() if label != UNKNOWN_LABEL else 0.0
+        decision = Decision(label=label, index=self.classes.index(label) if label != UNKNOWN_LABEL else -1,
                             confidence=round(confidence, 4),
                             scores={n: round(float(s), 4) for n, s in zip(labels, gate[0])},
                             ts=time.time(), frame=self.frames, changed=changed)
@@ -569,24 +713,43 @@ class Box:
                 log.exception("output %s failed", type(out).__name__)
         return decision
 
+    def _is_nothing(self, name: str) -> bool:
+        return any(c.name == name and c.nothing for c in self.store.classes())
+
     # --- outputs -----------------------------------------------------------------------------
+
+    def led_of(self, name: Optional[str]) -> Optional[str]:
+        """The config name a class's LED is wired under (None: no LED, or a nothing class)."""
+        for c in self.store.classes():
+            if c.name == name and c.button is not None and not c.nothing:
+                return c.button
+        return None
 
     def _show(self, confidence: float = 1.0) -> None:
         if self.panel is None:
             return
         label = None if self.label == UNKNOWN_LABEL or self.recording else self.label
-        leds = self._led_names()
-        self.panel.show(leds.get(label), confidence,
-                        recording=leds.get(self.recording.name) if self.recording else None)
+        recording = None
+        if self.recording is not None:
+            recording = next((c.button for c in self.store.classes() if c.name == self.recording.name), None)
+        self.panel.show(self.led_of(label), confidence, recording=recording)
 
     def _flash(self, names) -> None:
         if self.panel is not None:
-            leds = self._led_names()
-            self.panel.flash([leds[n] for n in names if n in leds])
+            self.panel.flash([led for led in (self.led_of(n) for n in names) if led is not None])
 
-    def _led_names(self) -> Dict[str, str]:
-        """Current class name -> the config name its button and LED are wired under."""
-        return {self._button_class(b): b for b in self.button_classes}
+    def _preview(self, rgb: np.ndarray) -> None:
+        now = time.monotonic()
+        if now - self._preview_at < PREVIEW_PERIOD:
+            return
+        self._preview_at = now
+        for out in self.outputs:
+            show = getattr(out, "preview", None)
+            if show is not None:
+                try:
+                    show(rgb)
+                except Exception:
+                    log.exception("output %s failed", type(out).__name__)
 
     def _check_links(self) -> None:
         """Slow-blink the status LED while an output link (MQTT) is down and nothing worse is."""
@@ -595,10 +758,19 @@ class Box:
         down = any(getattr(out, "connected", True) is False for out in self.outputs)
         self.panel.set_status("mqtt" if down else "ok")
 
-    def _set_fault(self, fault: Optional[str]) -> None:
-        self.fault = fault
+    def _fault_on(self, code: str, message: str) -> None:
+        if self.faults.get(code) != message:
+            self.faults[code] = message
+            self._show_status()
+
+    def _fault_off(self, code: str) -> None:
+        if code in self.faults and not (code == "storage" and getattr(self.store, "read_only", False)):
+            del self.faults[code]
+            self._show_status()
+
+    def _show_status(self) -> None:
         if self.panel is not None:
-            self.panel.set_status(fault or "ok")
+            self.panel.set_status(self.fault or "ok")
 
     def _emit(self, event: dict) -> None:
         event = dict(event, ts=time.time())
@@ -615,6 +787,38 @@ class Box:
                 out.state(state)
             except Exception:
                 log.exception("output %s failed", type(out).__name__)
+
+
+def import_file(store: Store, cfg, path: Path) -> str:
+    """Replace what the store holds with an export file's content, checked whole first (the store
+    is untouched when anything is refused). Classes the config has get their buttons back; the
+    others become classes without button or LED. Returns one line saying what happened."""
+    imported = store.read_export(path)
+    with store.command():
+        store.replace_with(imported)
+        infos = store.classes()
+        names = {c.name.casefold(): c.name for c in infos}
+        for c in infos:
+            if c.button is not None and c.button not in {w.name for w in cfg.classes}:
+                store.bind_button(c.name, None)
+        bound = {c.button for c in store.classes() if c.button is not None}
+        for wiring in cfg.classes:
+            if wiring.name in bound:
+                continue
+            name = names.get(wiring.name.casefold())
+            if name is not None and next(c for c in store.classes() if c.name == name).button is None:
+                store.bind_button(name, wiring.name)
+            elif name is None and len(store.classes()) < rules.MAX_CLASSES:
+                store.add_class(wiring.name, button=wiring.name)
+        infos = store.classes()
+    total = sum(c.count for c in infos)
+    loose = [c.name for c in infos if c.button is None]
+    note = f"imported {total} samples in {sum(1 for c in infos if c.count)} classes"
+    if loose:
+        note += (f"; not in the config, so without button or LED: {', '.join(loose)} "
+                 f"(add them to config.yaml's classes to wire them)")
+    log.info("%s", note)
+    return note
 
 
 # --- composition root ----------------------------------------------------------------------------
@@ -647,8 +851,12 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
                               mirror=cfg.camera.mirror)
         except ModelError as exc:
             return _show_fault_until_stopped(cfg, "model", exc)
-        store = Store(cfg.store.path, engine.model_id, engine.dim, max_per_class=cfg.capture.max_per_class)
-        store.open()
+        store = Store(cfg.store.path, engine.model_id, engine.dim, max_per_class=cfg.capture.max_per_class,
+                      thumbnails=cfg.store.thumbnails)
+        try:
+            store.open()
+        except StoreError as exc:
+            return _show_fault_until_stopped(cfg, "storage", exc)
         stack.callback(store.close)
         notifier = Notifier()
         stack.callback(notifier.close)
@@ -691,7 +899,12 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
             notifier.stopping()
             box.stop()
 
+        def on_hangup(_signum, _frame):
+            log.info("SIGHUP: the box does not reload its config; restart it to apply changes "
+                     "(sudo systemctl restart edge)")
+
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
         stack.callback(lambda: [signal.signal(s, h) for s, h in previous.items()])
         box.run()
         log.info("stopped cleanly")
@@ -706,6 +919,7 @@ def _show_fault_until_stopped(cfg, code: str, exc: Exception) -> int:
     log.error("%s", exc)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: None)
     panel = Panel(cfg.classes, cfg.function_button, cfg.status_led, send=lambda _item: None)
     notifier = Notifier()
     try:

@@ -161,34 +161,45 @@ def cmd_check_config(args) -> int:
 
 
 def _open_store(args):
+    """The configured store, opened for one CLI command (the daemon must not hold it)."""
     from edge.engine import Embedder
-    from edge.store import Store
+    from edge.store import Store, StoreError
     cfg = _config(args, secrets=False)
     engine = Embedder(cfg.model.model_path, threads=1)
-    store = Store(cfg.store.path, engine.model_id, engine.dim, max_per_class=cfg.capture.max_per_class)
-    store.open()
-    return store
+    store = Store(cfg.store.path, engine.model_id, engine.dim, max_per_class=cfg.capture.max_per_class,
+                  thumbnails=cfg.store.thumbnails)
+    try:
+        store.open()
+    except StoreError as exc:
+        if "in use" in str(exc) or "locked" in str(exc):
+            raise StoreError(f"{exc} (is the box running? stop it first: sudo systemctl stop edge)") from None
+        raise
+    if store.read_only:
+        store.close()
+        raise StoreError(f"store {cfg.store.path} is read-only here (run as the box's user: sudo -u edge ...)")
+    return cfg, store
 
 
 def cmd_export(args) -> int:
-    store = _open_store(args)
+    cfg, store = _open_store(args)
     try:
-        store.export(Path(args.file))
-        counts = store.knowledge.counts()
+        store.export(Path(args.file), thumbnails=args.thumbnails)
+        infos = store.classes()
     finally:
         store.close()
-    print(f"exported {sum(counts.values())} samples in {len(counts)} classes to {args.file}")
+    print(f"exported {sum(c.count for c in infos)} samples in {sum(1 for c in infos if c.count)} classes "
+          f"to {args.file}")
     return EXIT_OK
 
 
 def cmd_import(args) -> int:
-    store = _open_store(args)
+    from edge.app import import_file
+    cfg, store = _open_store(args)
     try:
-        knowledge = store.import_file(Path(args.file))
-        counts = knowledge.counts()
+        note = import_file(store, cfg, Path(args.file))
     finally:
         store.close()
-    print(f"imported {sum(counts.values())} samples in {len(counts)} classes from {args.file}")
+    print(f"{note} from {args.file}")
     return EXIT_OK
 
 
@@ -209,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write what the box learned to one file")
     p.add_argument("file", metavar="FILE")
+    p.add_argument("--thumbnails", action="store_true", help="include the samples' small pictures")
     p.add_argument("--config")
     p.set_defaults(func=cmd_export)
 
@@ -267,6 +279,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from edge.engine import ModelError
     from edge.evaluate import DatasetError
     from edge.image import ImageError
+    from edge.rules import RuleError
     from edge.store import StoreError
     try:
         return args.func(args)
@@ -276,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"edge: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (ModelError, DatasetError, ImageError, StoreError, CameraError) as exc:
+    except (ModelError, DatasetError, ImageError, StoreError, CameraError, RuleError) as exc:
         print(f"edge: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

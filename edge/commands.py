@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Optional, Protocol, Tuple
 
 from edge import rules
 
@@ -157,6 +157,32 @@ class Request:
     source: str = "internal"
     id: Any = None
     reply: Optional[Callable[[dict], None]] = None
+
+
+# --- what the loop sends out ---------------------------------------------------------------------
+
+@dataclass
+class Decision:
+    """What the box concluded about one frame."""
+
+    label: str
+    index: int
+    confidence: float
+    scores: Dict[str, float]
+    ts: float
+    frame: int
+    changed: bool
+
+
+class Outputs(Protocol):
+    """Where the box reports (MQTT, the web page, tests). Called from the loop thread only, and
+    must return at once. An output may also define `preview(rgb)` to get the model's view."""
+
+    def decision(self, decision: Decision) -> None: ...
+
+    def state(self, state: dict) -> None: ...
+
+    def event(self, event: dict) -> None: ...
 
 
 # --- payloads -----------------------------------------------------------------------------------

@@ -94,6 +94,9 @@ class ClassConfig:
     """Pin of the button held to teach this class (None: trainable over MQTT only)."""
     led: Optional[str] = None
     """Pin of the LED that lights when this class is recognised (None: no LED)."""
+    nothing: bool = False
+    """A "nothing" class (the empty table, hands, the room): taught like any other, it lights
+    no LED and answers unknown, so what looks like it stops lighting other LEDs."""
 
 
 def _default_classes() -> Tuple[ClassConfig, ...]:
@@ -175,8 +178,8 @@ class StoreConfig:
 
     path: Path = Path("var/store")
     """Folder of the saved samples (relative paths resolve against the config file's folder)."""
-    thumbnails: bool = False
-    """Also keep a small JPEG of every sample, to see later what the box was taught."""
+    thumbnails: bool = True
+    """Keep a small JPEG of every sample (the web page's gallery); never exported unless asked."""
 
 
 @dataclass(frozen=True)
@@ -580,7 +583,7 @@ TOP = {
     "camera": None, "model": None, "head": None, "capture": None, "store": None, "mqtt": None,
     "web": None,
 }
-CLASS = {"name": _string, "button": _pin, "led": _pin}
+CLASS = {"name": _string, "button": _pin, "led": _pin, "nothing": _boolean}
 CAMERA = {
     "source": _choice(CAMERA_SOURCES),
     "folder": _optional(_path_text),

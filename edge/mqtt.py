@@ -23,26 +23,25 @@ import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
-from edge import __version__
-from edge.app import Command, Decision, Outputs
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edge import __version__, commands
+from edge.commands import Decision, Outputs
 from edge.camera import Camera
 from edge.image import ImageError, load_image
 
 log = logging.getLogger(__name__)
 
-COMMAND_MAX_BYTES = 4096
+COMMAND_MAX_BYTES = commands.MAX_PAYLOAD
 FRAME_MAX_BYTES = 5 * 1024 * 1024
-MAX_RECORD_SECONDS = 60.0
-MAX_RECORD_COUNT = 500
-MAX_NAME = 64           # the box checks the real limits; this only bounds what we pass on
-MAX_ID = 128
-ACTIONS = ("record", "record/stop", "undo", "clear", "rename", "threshold", "classes", "state")
+PACKET_SLACK = 64 * 1024     # topic, properties and headers on top of the largest payload we take
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-class CommandInvalid(ValueError):
-    """A command payload this module refuses before it reaches the box."""
+CommandInvalid = commands.CommandInvalid
 
 
 # --- frames over MQTT -----------------------------------------------------------------------------
@@ -97,137 +96,15 @@ class MqttCamera(Camera):
 
 # --- command parsing ------------------------------------------------------------------------------
 
-def _is_number(value: Any) -> bool:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:   # an int too large for a float: JSON allows any number of digits
-        return False
-
-
-def _name(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise CommandInvalid(f"'{key}' must be a non-empty text")
-    if len(value) > MAX_NAME:
-        raise CommandInvalid(f"'{key}' is longer than {MAX_NAME} characters")
-    return value.strip()
-
-
-def _only(body: dict, allowed: Tuple[str, ...]) -> None:
-    for key in body:
-        if key not in allowed + ("id",):
-            known = ", ".join(allowed + ("id",))
-            raise CommandInvalid(f"unknown key {key!r} (known: {known})")
-
-
-def decode_payload(payload: bytes) -> Tuple[Any, Any]:
-    """(body, id) of a command payload: a dict for a JSON object, else a text (maybe empty).
-
-    A payload starting with `{` or `[` must be JSON, one starting with `"` a JSON string;
-    anything else is plain text, so `0.7` or `shoes` work from tools that only send text.
-    """
-    if len(payload) > COMMAND_MAX_BYTES:
-        raise CommandInvalid(f"payload of {len(payload)} bytes is larger than {COMMAND_MAX_BYTES} bytes")
-    try:
-        text = bytes(payload).decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise CommandInvalid("payload is not UTF-8 text") from None
-    if not text or text[0] not in '{["':
-        return text, None
-    try:
-        body = json.loads(text)
-    except ValueError as exc:
-        raise CommandInvalid(f"payload is not valid JSON ({exc})") from None
-    if isinstance(body, str):
-        return body.strip(), None
-    if not isinstance(body, dict):
-        raise CommandInvalid("a JSON payload must be an object or a string")
-    ident = body.get("id")
-    if ident is not None and not (isinstance(ident, str) and len(ident) <= MAX_ID
-                                  or isinstance(ident, int) and not isinstance(ident, bool)):
-        raise CommandInvalid(f"'id' must be a text of at most {MAX_ID} characters or an integer")
-    return body, ident
-
-
-def parse_command(action: str, payload: bytes) -> Tuple[dict, Any]:
-    """Check one command; returns (args for edge.app.Command, request id) or raises CommandInvalid.
-
-    Only form is checked here (types, bounds, sizes); what depends on the box's state (does
-    the class exist?) is the box's to answer.
-    """
-    if action not in ACTIONS:
-        raise CommandInvalid(f"unknown action {action[:64]!r} (known: {', '.join(ACTIONS)})")
-    body, ident = decode_payload(payload)
-    is_json = isinstance(body, dict)
-
-    if action == "record":
-        if not is_json:
-            return {"class": _name(body, "class")}, ident
-        _only(body, ("class", "seconds", "count"))
-        args: Dict[str, Any] = {"class": _name(body.get("class"), "class")}
-        seconds, count = body.get("seconds"), body.get("count")
-        if seconds is not None and count is not None:
-            raise CommandInvalid("give 'seconds' or 'count', not both")
-        if seconds is not None:
-            if not _is_number(seconds) or not 0 < seconds <= MAX_RECORD_SECONDS:
-                raise CommandInvalid(f"'seconds' must be a number above 0 and at most {MAX_RECORD_SECONDS:g}")
-            args["seconds"] = float(seconds)
-        if count is not None:
-            if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_RECORD_COUNT:
-                raise CommandInvalid(f"'count' must be a whole number from 1 to {MAX_RECORD_COUNT}")
-            args["count"] = count
-        return args, ident
-
-    if action in ("record/stop", "undo", "state"):
-        if is_json:   # plain text is ignored: some tools cannot send an empty message
-            _only(body, ())
-        return {}, ident
-
-    if action == "clear":
-        if not is_json:
-            return {"class": _name(body, "class") if body else None}, ident
-        _only(body, ("class",))
-        name = body.get("class")
-        return {"class": None if name is None or name == "" else _name(name, "class")}, ident
-
-    if action == "rename":
-        if not is_json:
-            raise CommandInvalid('rename needs a JSON object: {"from": "old name", "to": "new name"}')
-        _only(body, ("from", "to"))
-        return {"from": _name(body.get("from"), "from"), "to": _name(body.get("to"), "to")}, ident
-
-    if action == "threshold":
-        value = body.get("value") if is_json else body
-        if is_json:
-            _only(body, ("value",))
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return {"value": "auto"}, ident
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                value = None
-        if not _is_number(value) or not -1.0 <= value <= 1.0:
-            raise CommandInvalid("threshold must be 'auto' or a number from -1 to 1")
-        return {"value": float(value)}, ident
-
-    # classes
-    if not is_json:
-        raise CommandInvalid('classes needs a JSON object: {"add": "name"} or {"remove": "name"}')
-    _only(body, ("add", "remove"))
-    if ("add" in body) == ("remove" in body):
-        raise CommandInvalid("give exactly one of 'add' and 'remove'")
-    key = "add" if "add" in body else "remove"
-    return {key: _name(body[key], key)}, ident
-
-
 # --- the link -------------------------------------------------------------------------------------
 
 def default_client_factory(client_id: str) -> paho.Client:
-    """A paho client with callback API v2 and MQTT 3.1.1 (what Scratch, Node-RED and HA all speak)."""
+    """A paho client with callback API v2 and MQTT 5: only MQTT 5 tells a subscriber whether a
+    message was published retained (retain-as-published), and lets the box cap the size of what
+    the broker sends it (maximum packet size). Scratch, Node-RED and HA may speak 3.1.1 to the
+    same broker."""
     return paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
-                       protocol=MQTTProtocolVersion.MQTTv311, clean_session=True)
+                       protocol=MQTTProtocolVersion.MQTTv5)
 
 
 class MqttLink(Outputs):
@@ -265,9 +142,13 @@ class MqttLink(Outputs):
         self._client: Any = None
         self._lock = threading.Lock()
         self._pending: Deque[Tuple[str, bytes, int, bool]] = deque()
-        self._retained: Dict[str, Tuple[bytes, int]] = {}
+        # Retained "latest values", sent again on every connect; the label is there from the start
+        # (an MQTT-camera box may see no picture for a long time).
+        self._retained: Dict[str, Tuple[bytes, int]] = {self.topic("label"): (b"unknown", 0)}
         self._state: Optional[dict] = None
-        self._label: Optional[str] = None
+        self._label: Optional[str] = "unknown"
+        # The largest message the broker may send us (MQTT 5): bigger ones never reach memory.
+        self.max_packet = (FRAME_MAX_BYTES if frame_source else COMMAND_MAX_BYTES) + PACKET_SLACK
         self._interval = 1.0 / cfg.rate
         self._last_prediction = -math.inf
         self._dropping = False
@@ -300,14 +181,22 @@ class MqttLink(Outputs):
                 if tls.insecure:
                     client.tls_insecure_set(True)
             client.reconnect_delay_set(*self.RECONNECT_DELAY)
-            client.max_queued_messages_set(self.cfg.max_queue)
+            # No cap inside paho: nothing is handed to it while disconnected (see the class
+            # docstring), and while connected no answer may be dropped.
+            client.max_queued_messages_set(0)
             client.on_connect = self._on_connect
             client.on_connect_fail = self._on_connect_fail
             client.on_disconnect = self._on_disconnect
             client.on_message = self._on_message
             client.on_subscribe = self._on_subscribe
             client.on_publish = self._on_publish
-            client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
+            if getattr(client, "protocol", None) == MQTTProtocolVersion.MQTTv5:
+                props = Properties(PacketTypes.CONNECT)
+                props.MaximumPacketSize = self.max_packet
+                client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,
+                                     clean_start=True, properties=props)
+            else:
+                client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
         except Exception as exc:  # bad TLS files, say: the box works on without MQTT
             log.error("MQTT is off: cannot set up the connection to %s:%s: %s",
                       self.cfg.host, self.cfg.port, exc)
@@ -424,11 +313,14 @@ class MqttLink(Outputs):
                 self._warn_once(f"MQTT: broker {self.cfg.host}:{self.cfg.port} refused the connection: "
                                 f"{reason_code} (check mqtt.username and the password)")
                 return
+            v5 = getattr(client, "protocol", None) == MQTTProtocolVersion.MQTTv5
             subscriptions = [(self.topic("cmd/#"), 1)]
             if self.camera is not None:
                 subscriptions.append((self.topic("camera/frame"), 0))
             if self.cfg.homeassistant:
                 subscriptions.append((f"{self.cfg.discovery_prefix}/status", 1))
+            if v5:  # keep the publisher's retain flag, so retained commands are seen as such
+                subscriptions = [(t, SubscribeOptions(qos=q, retainAsPublished=True)) for t, q in subscriptions]
             client.subscribe(subscriptions)
             with self._lock:
                 if self._closed:
@@ -519,17 +411,17 @@ class MqttLink(Outputs):
 
     def _command(self, action: str, payload: bytes) -> None:
         try:
-            args, ident = parse_command(action, payload)
+            command, ident = commands.parse_payload(action, payload)
         except CommandInvalid as exc:
             self._refuse(action, payload, str(exc))
             return
-        log.info("MQTT: command %s %s", action, args)
-        self._submit(Command(action, args, ident, self._reply))
+        log.info("MQTT: command %s", command)
+        self._submit(commands.Request(command, "mqtt", ident, self._reply))
 
     def _refuse(self, action: str, payload: bytes, error: str) -> None:
         log.info("MQTT: refused command %s: %s", action[:64], error)
         result = {"action": action[:64], "ok": False, "error": error}
-        ident = _loose_id(payload)
+        ident = commands.loose_id(payload)
         if ident is not None:
             result["id"] = ident
         self._reply(result)
@@ -572,15 +464,3 @@ def _json(value: Any) -> bytes:
 
 def _str(path) -> Optional[str]:
     return None if path is None else str(path)
-
-
-def _loose_id(payload: bytes) -> Any:
-    """The request id of a payload refused for its content, so the sender can match the answer."""
-    try:
-        body = json.loads(bytes(payload[:COMMAND_MAX_BYTES]).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    ident = body.get("id") if isinstance(body, dict) else None
-    if isinstance(ident, str) and len(ident) <= MAX_ID or isinstance(ident, int) and not isinstance(ident, bool):
-        return ident
-    return None

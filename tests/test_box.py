@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from edge import app as app_module
-from edge.app import Box, Command
+from edge import commands as C
+from edge.app import Box
 from edge.camera import FolderCamera
 from edge.config import parse_config
 from edge.image import list_images
@@ -88,7 +89,10 @@ class Rig:
         return self.pin(PINS[cls][1]).state
 
     def counts(self):
-        return self.store.knowledge.counts()
+        return {c.name: c.count for c in self.store.classes() if c.count}
+
+    def send(self, action, body, reply, ident=None):
+        self.box.submit(C.Request(C.parse(action, body), "mqtt", ident, reply))
 
     def teach(self, cls, files, n):
         self.show(files)
@@ -183,29 +187,57 @@ def test_hold_function_clears_everything(rig, clothing, monkeypatch):
 def test_commands_answer_and_bad_ones_change_nothing(rig, clothing):
     rig.show(list_images(clothing / "train" / "shoes"))
     replies = []
-    rig.box.submit(Command("record", {"class": "a", "count": 4}, id="r1", reply=replies.append))
+    rig.send("record", {"class": "a", "count": 4}, replies.append, ident="r1")
     assert wait_for(lambda: rig.counts().get("A", 0) >= 4 and rig.box.recording is None)
     assert replies[0] == {"action": "record", "ok": True, "id": "r1"}
     before = rig.counts()
-    for action, args in [("record", {"class": "Z"}), ("rename", {"from": "A", "to": "B"}),
-                         ("threshold", {"value": "high"}), ("threshold", {"value": 3}),
-                         ("classes", {}), ("explode", {}), ("record", {"class": None})]:
-        rig.box.submit(Command(action, args, reply=replies.append))
-    assert wait_for(lambda: len(replies) == 8)
+    for action, body in [("record", {"class": "Z"}), ("rename", {"from": "A", "to": "b"}),
+                         ("classes", {"remove": "A"}), ("sample/delete", {"id": 99999}),
+                         ("burst/delete", {"burst": 99999}), ("record/stop", {})]:
+        rig.send(action, body, replies.append)
+    assert wait_for(lambda: len(replies) == 7)
     assert all(r["ok"] is False and r["error"] for r in replies[1:]), replies
     assert rig.counts() == before and rig.thread.is_alive()
 
-    rig.box.submit(Command("rename", {"from": "A", "to": "Shoes"}, reply=replies.append))
-    rig.box.submit(Command("threshold", {"value": "0.5"}, reply=replies.append))
-    assert wait_for(lambda: len(replies) == 10)
+    rig.send("rename", {"from": "A", "to": "Shoes"}, replies.append)
+    rig.send("threshold", {"value": "0.5"}, replies.append)
+    assert wait_for(lambda: len(replies) == 9)
     assert replies[-2]["ok"] and replies[-1]["ok"], replies
     state = rig.box.state()
-    assert state["classes"][0] == {"name": "Shoes", "samples": before["A"]}
+    assert state["classes"][0]["name"] == "Shoes" and state["classes"][0]["samples"] == before["A"]
     assert state["threshold"] == 0.5
     rig.stop()
     rig.start()
     assert rig.box.state()["classes"][0]["name"] == "Shoes"  # renames survive a restart
     assert rig.box.head.threshold == 0.5
+    rig.pin("GPIO17").drive_low()   # the renamed class keeps its button
+    assert wait_for(lambda: rig.counts().get("Shoes", 0) > before["A"])
+    rig.pin("GPIO17").drive_high()
+
+
+def test_gallery_commands_list_delete_and_survive_restart(rig, clothing):
+    rig.teach("A", list_images(clothing / "train" / "shoes"), 5)
+    replies = []
+    rig.send("samples", {"class": "A"}, replies.append)
+    assert wait_for(lambda: replies)
+    listed = replies[0]["samples"]
+    assert replies[0]["ok"] and len(listed) == rig.counts()["A"]
+    assert listed == sorted(listed, key=lambda r: -r["id"])     # newest first
+    assert all(r["source"] == "button" and r["thumbnail"] for r in listed)
+    rig.send("thumbnails", {"ids": [listed[0]["id"]]}, replies.append)
+    assert wait_for(lambda: len(replies) == 2)
+    import base64
+    assert base64.b64decode(replies[1]["thumbnails"][str(listed[0]["id"])])[:3] == b"\xff\xd8\xff"
+    rig.send("sample/delete", {"id": listed[0]["id"]}, replies.append)
+    assert wait_for(lambda: len(replies) == 3) and replies[2]["ok"], replies
+    left = rig.counts()["A"]
+    assert left == len(listed) - 1
+    rig.stop()
+    rig.start()
+    assert rig.counts()["A"] == left
+    rig.send("samples", {"class": "A"}, replies.append)
+    assert wait_for(lambda: len(replies) == 4)
+    assert listed[0]["id"] not in [r["id"] for r in replies[3]["samples"]]
 
 
 def test_button_held_through_restart_is_ignored_until_released(rig, clothing):
@@ -234,25 +266,23 @@ def test_camera_fault_shows_on_status_led_and_recovers(rig, clothing):
 
 
 def test_storage_fault_keeps_the_box_running(rig, clothing, monkeypatch):
-    """A full or read-only card: the sample is not kept, the fault is shown, recognition goes on."""
-    import errno
-    import os as os_module
-
-    from edge import store as store_module
+    """A full or failing card: the sample is not kept, the fault is shown, recognition goes on.
+    (How the store turns disk errors into StoreError is tested in test_store.py.)"""
+    from edge.store import Store, StoreError
     rig.teach("A", list_images(clothing / "train" / "shoes"), 4)
     before = rig.counts()
-    real_write = os_module.write
+    real = Store.add_samples
 
-    def full_disk(fd, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full_disk(self, *args, **kwargs):
+        raise StoreError("database or disk is full")
 
-    monkeypatch.setattr(store_module.os, "write", full_disk)
+    monkeypatch.setattr(Store, "add_samples", full_disk)
     rig.pin("GPIO22").drive_low()  # record B: every write fails
     assert wait_for(lambda: rig.box.fault == "storage", 10)
     rig.pin("GPIO22").drive_high()
     assert any(e["event"] == "error" and e["source"] == "storage" for e in rig.events)
     assert rig.counts() == before and rig.thread.is_alive()
-    monkeypatch.setattr(store_module.os, "write", real_write)
+    monkeypatch.setattr(Store, "add_samples", real)
     rig.teach("B", list_images(clothing / "train" / "hat"), 2)  # the card is back: learning resumes
     assert rig.box.fault is None
 
