@@ -198,6 +198,7 @@ def test_commands_are_parsed_by_the_one_command_model(server):
     assert answers[5]["ok"]
     assert not answers[6]["ok"] and "deeper" in answers[6]["error"]
     assert last in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+    wait_until(lambda: len(queue.requests) >= 3, 10, 0.05, "the server to let go of the recording")
     assert [r.command for r in queue.requests] == [commands.Record("A", seconds=30.0),
                                                   commands.ListSamples("A", limit=10),
                                                   commands.StopRecording()]   # the socket closed
@@ -450,10 +451,12 @@ def text(driver, css):
 
 
 def count_of(driver, cls):
-    for el in driver.find_elements("css selector", ".class"):
-        if el.get_attribute("data-cls") == cls:
-            return int(el.find_element("css selector", ".count").text.split()[0])
-    raise AssertionError(f"no class card {cls}")
+    counts = driver.execute_script(   # in one go, so a card redrawn meanwhile cannot go stale
+        "return Object.fromEntries([...document.querySelectorAll('.class')]"
+        ".map((e) => [e.dataset.cls, e.querySelector('.count').textContent]))")
+    if cls not in counts:
+        raise AssertionError(f"no class card {cls}")
+    return int(counts[cls].split()[0])
 
 
 def hold_teach(driver, cls, seconds):
@@ -511,8 +514,9 @@ def test_teach_two_classes_and_the_label_follows(daemons, browser, clothing):
     wait_until(lambda: text(driver, "#label") == "A", 20, what="label A for unseen hats")
     box.show(photos(clothing, "shoes", "test"))
     wait_until(lambda: text(driver, "#label") == "B", 20, what="label B for unseen shoes")
-    lit = driver.find_elements("css selector", ".led.lit")
-    assert [el.get_attribute("data-cls") for el in lit if el.get_attribute("data-cls")] == ["B"]
+    lit = driver.execute_script(   # in one go: the LED row is redrawn with every decision
+        "return [...document.querySelectorAll('.led.lit')].map((e) => e.dataset.cls).filter(Boolean)")
+    assert lit == ["B"]
     wait_until(lambda: driver.find_elements("css selector", "#gallery .thumb img[src^='data:image/jpeg']"), 15,
                what="thumbnails in the gallery")
     screenshot(driver, "web-desktop.png")

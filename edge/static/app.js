@@ -23,6 +23,7 @@ let pictureUrl = null;
 let retry = 500;
 let holding = null;                 // class being taught by this page's button
 let galleryOldest = null;
+let galleryOf = null;              // the class the gallery shows (loaded once a class is chosen)
 
 // --- the link ------------------------------------------------------------------------------------
 
@@ -339,7 +340,7 @@ function fillGallerySelect() {
     sel.textContent = "";
     for (const n of names) { const o = document.createElement("option"); o.value = o.textContent = n; sel.append(o); }
   }
-  if (keep !== undefined && sel.value !== keep) { sel.value = keep; loadGallery(); }
+  if (keep !== undefined && (sel.value !== keep || galleryOf !== keep)) { sel.value = keep; loadGallery(); }
   const c = state.classes.find((c) => c.name === sel.value);
   $("gallery-count").textContent = c ? countText(c.samples) : "";
 }
@@ -354,6 +355,7 @@ function scheduleGallery(cls) {
 async function loadGallery(older = false) {
   const cls = $("gallery-class").value;
   if (!cls) return;
+  galleryOf = cls;
   const body = { class: cls, limit: 40 };
   if (older && galleryOldest) body.before = galleryOldest;
   const r = await send("samples", body);
