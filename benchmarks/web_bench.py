@@ -179,9 +179,11 @@ def speed(blocks: int, seconds: float, clients: str, threads) -> dict:
         store = Store(cfg.store.path, engine.model_id, engine.dim)
         store.open()
         rng = np.random.default_rng(0)
-        for name in ("A", "B", "C"):   # a typical box: three classes of 60 samples
-            store.append({"op": "add", "class": name,
-                          "vectors": np.abs(rng.normal(0, 1, (60, engine.dim))).astype(np.float32)})
+        with store.command():
+            for name in ("A", "B", "C"):   # a typical box: three classes of 60 samples
+                store.add_class(name)
+                store.add_samples(name, np.abs(rng.normal(0, 1, (60, engine.dim))).astype(np.float32),
+                                  "import", store.new_burst())
         camera = PacedCamera(frame)
         box = Box(cfg, engine, store, camera, panel=None)
         web = WebServer(cfg.web, box.submit, device_id="bench")
