@@ -520,7 +520,15 @@ def test_teach_two_classes_and_the_label_follows(daemons, browser, clothing):
     wait_until(lambda: driver.find_elements("css selector", "#gallery .thumb img[src^='data:image/jpeg']"), 15,
                what="thumbnails in the gallery")
     screenshot(driver, "web-desktop.png")
+    driver.set_window_size(1920, 1080)                     # a classroom projector
     driver.find_element("id", "big-toggle").click()
+    picture, label = driver.execute_script(
+        "return ['picture', 'label'].map((id) => { const r = document.getElementById(id).getBoundingClientRect();"
+        " return [r.left, r.top, r.right, r.bottom]; })")
+    height = driver.execute_script("return window.innerHeight")
+    assert picture[3] <= height and label[3] <= height, "picture and answer fit on one projected screen"
+    assert picture[2] - picture[0] >= 500, "the picture is big on a projector"
+    assert label[0] >= picture[2], "the answer is beside the picture"
     screenshot(driver, "web-projector.png")
 
 
@@ -542,6 +550,7 @@ def test_gallery_delete_is_gone_after_restart(daemons, browser, clothing):
     target.find_element("css selector", ".del-sample").click()
     wait_until(lambda: victim not in [int(t.get_attribute("data-id")) for t in thumbs()], 10, what="the deletion")
     wait_until(lambda: count_of(driver, "A") == len(ids) - 1, 10, what="the count to drop")
+    wait_until(lambda: f"A has only {len(ids)} " not in text(driver, "#hints"), 10, what="the hints to follow")
     screenshot(driver, "web-gallery.png")
 
     box.stop()
@@ -601,7 +610,7 @@ def test_a_phone_sized_screen_shows_every_control(daemons, browser, clothing):
     assert width <= 420
     controls = ["#pin", "#pin-go", "#big-toggle", "#undo", "#clear-all", "#add-name", "#add", "#th-auto",
                 "#th-slider", "#gallery-class", "#export", "#import-file", "#import", "#picture, #no-picture",
-                "#label"]
+                "#label", "#about-editor"]
     controls += [f".class[data-cls='{c}'] {b}" for c in "AB" for b in (".hold", ".rename", ".clear", ".nothing")]
     for css in controls:
         el = driver.find_element("css selector", css)

@@ -142,6 +142,7 @@ function onEvent(e) {
     const c = state.classes.find((c) => c.name === e.class);
     if (c) { c.samples = e.samples; const el = classCard(e.class); if (el) el.querySelector(".count").textContent = countText(c.samples); }
     scheduleGallery(e.class);
+    scheduleHints();
   } else if (e.event === "error") {
     say("teach-msg", e.message, false);
   } else if (["burst_undone", "class_cleared", "all_cleared", "class_renamed", "recording_stopped", "sample_deleted", "burst_deleted", "imported"].includes(e.event)) {
@@ -212,7 +213,7 @@ function showScores() {
 
 // --- teach ---------------------------------------------------------------------------------------
 
-const countText = (n) => `${n} example${n === 1 ? "" : "s"}`;
+const countText = (n) => `${n} picture${n === 1 ? "" : "s"}`;   // the word the hints use too
 const classCard = (name) => [...document.querySelectorAll(".class")].find((el) => el.dataset.cls === name);
 
 function showClasses() {
@@ -254,10 +255,10 @@ function makeClassCard(c) {
   hold.addEventListener("contextmenu", (ev) => ev.preventDefault());
   el.querySelector(".rename").onclick = () => renameClass(c.name);
   el.querySelector(".clear").onclick = async () => {
-    if (await confirmBox(`Forget every example of “${c.name}”?`)) act("clear", { class: c.name }, "teach-msg", `“${c.name}” is empty now`);
+    if (await confirmBox(`Forget every picture of “${c.name}”?`)) act("clear", { class: c.name }, "teach-msg", `“${c.name}” is empty now`);
   };
   el.querySelector(".remove").onclick = async () => {
-    if (await confirmBox(`Remove the class “${c.name}” and its examples?`)) act("classes", { remove: c.name });
+    if (await confirmBox(`Remove the class “${c.name}” and its pictures?`)) act("classes", { remove: c.name });
   };
   el.querySelector(".nothing").onchange = (ev) => act("nothing", { class: c.name, nothing: ev.target.checked });
   return el;
@@ -364,7 +365,7 @@ async function loadGallery(older = false) {
   if (!r.ok) { say("teach-msg", r.error, false); return; }
   const samples = r.samples || [];
   $("gallery-more").hidden = samples.length < body.limit;
-  if (!samples.length && !older) { box.innerHTML = '<p class="muted">No examples yet.</p>'; return; }
+  if (!samples.length && !older) { box.innerHTML = '<p class="muted">No pictures yet.</p>'; return; }
   galleryOldest = samples.length ? samples[samples.length - 1].id : galleryOldest;
   let group = null;
   const imgs = new Map();
@@ -382,7 +383,7 @@ async function loadGallery(older = false) {
         del.type = "button";
         del.className = "del-burst";
         del.textContent = "Delete this teaching";
-        del.onclick = async () => { if (await confirmBox("Delete all examples of this teaching?")) { await act("burst/delete", { burst: s.burst }); loadGallery(); } };
+        del.onclick = async () => { if (await confirmBox("Delete all pictures of this teaching?")) { await act("burst/delete", { burst: s.burst }); loadGallery(); } };
         head.append(del);
       }
       const thumbs = document.createElement("div");
@@ -394,11 +395,11 @@ async function loadGallery(older = false) {
     t.className = "thumb";
     t.dataset.id = String(s.id);
     const img = document.createElement("img");
-    img.alt = `example ${s.id}`;
+    img.alt = `picture ${s.id}`;
     const del = document.createElement("button");
     del.type = "button";
     del.className = "del-sample";
-    del.title = "delete this example";
+    del.title = "delete this picture";
     del.textContent = "✕";
     del.onclick = async () => { const r2 = await act("sample/delete", { id: s.id }); if (r2.ok) t.remove(); };
     t.append(img, del);
