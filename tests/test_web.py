@@ -328,14 +328,14 @@ def test_a_busy_port_leaves_the_box_running(server):
 class Daemon:
     """`edge run` in a subprocess: simulated pins, a folder camera the test fills, the real model."""
 
-    def __init__(self, root: Path, pin=None, name="box"):
+    def __init__(self, root: Path, pin=None, name="box", host="127.0.0.1"):
         self.root = root / name
         self.cam = self.root / "camera"
         self.cam.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.config = self.root / "config.yaml"
-        web = {"host": "127.0.0.1", "port": self.port}
+        web = {"host": host, "port": self.port}
         if pin:
             web["pin"] = pin
         self.config.write_text(json.dumps({
@@ -409,7 +409,8 @@ def _chrome_options(download_dir: Path, mobile=False):
     opts.binary_location = CHROMIUM
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                f"--user-data-dir={tempfile.mkdtemp(prefix='edge-chromium-')}", "--window-size=1280,1000"):
+                f"--user-data-dir={tempfile.mkdtemp(prefix='edge-chromium-')}", "--window-size=1280,1000",
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):   # offline, as in a classroom: no name resolves
         opts.add_argument(arg)
     opts.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
                                            "download.prompt_for_download": False})
@@ -692,7 +693,87 @@ def test_the_box_serves_a_scratch_editor_with_its_blocks(daemons, browser, cloth
           return out;
         })().then(done, (e) => done({error: String(e)}));
     """)
+    outside = driver.execute_script(
+        "return performance.getEntriesByType('resource').map((e) => e.name)"
+        ".filter((u) => !u.startsWith(location.origin) && !u.startsWith('data:') && !u.startsWith('blob:'))")
+    assert outside == [], f"the editor asked for files from outside the box: {outside[:5]}"
     assert report.get("url") == f"ws://127.0.0.1:{box.port}/ws", report
     assert report["connected"] is True and report["problem"] == "", report
     assert report["answer"] == "ok", report
     assert report["after"] >= report["before"] + 3, report
+
+
+def _lan_address():
+    """This machine's address on its network (what a classroom laptop would use for the box)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 9))      # picks the outgoing interface; sends nothing
+            return s.getsockname()[0]
+        except OSError:
+            return None
+
+
+def test_an_https_editor_cannot_reach_the_box(daemons, browser, clothing, tmp_path):
+    """Why docs/web.md sends teachers to the box's own editor: a page loaded over https (like
+    turbowarp.org or scratch.mit.edu) may not open ws:// to a box on the network, nor fetch its
+    extension over http (mixed content), in a real Chromium."""
+    import http.server
+    import ssl
+    import threading
+    lan = _lan_address()
+    if lan is None or lan.startswith("127."):
+        pytest.skip("this machine has no network address besides loopback to play the box's")
+    box = daemons(host="0.0.0.0")
+    box.show(photos(clothing, "hat"))
+    box.start()
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    page = b"<!doctype html><title>an https editor</title>"
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+        opts = _chrome_options(tmp_path)
+        opts.add_argument("--ignore-certificate-errors")     # our own certificate, as a real site has one
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+        try:
+            driver.get(f"https://127.0.0.1:{httpd.server_address[1]}/")
+            assert driver.execute_script("return window.isSecureContext") is True
+            driver.set_script_timeout(30)
+            report = driver.execute_async_script("""
+                const [ws, js, done] = arguments;
+                const out = {};
+                const socket = new Promise((resolve) => {
+                  try {
+                    const s = new WebSocket(ws);
+                    s.onopen = () => { resolve("opened"); s.close(); };
+                    s.onerror = () => resolve("refused");
+                  } catch (e) { resolve(e.name); }
+                });
+                const file = fetch(js).then((r) => "fetched " + r.status, (e) => e.name);
+                Promise.all([socket, file]).then(([a, b]) => done({socket: a, extension: b}));
+            """, f"ws://{lan}:{box.port}/ws", f"http://{lan}:{box.port}/scratch/edge-box.js")
+        finally:
+            driver.quit()
+    finally:
+        httpd.shutdown()
+    assert report["socket"] == "SecurityError", report          # "An insecure WebSocket connection
+    #                                                             may not be initiated from a page loaded over HTTPS"
+    assert report["extension"] == "TypeError", report          # blocked: "Failed to fetch"
+    with urllib.request.urlopen(f"http://{lan}:{box.port}/scratch/edge-box.js", timeout=10) as r:
+        assert r.status == 200, "the box itself answers on that address (only the browser refused)"
