@@ -534,6 +534,7 @@ def test_teach_two_classes_and_the_label_follows(daemons, browser, clothing):
 
 
 def test_gallery_delete_is_gone_after_restart(daemons, browser, clothing):
+    from selenium.common.exceptions import StaleElementReferenceException
     box = daemons()
     box.show(photos(clothing, "hat"))
     box.start()
@@ -541,15 +542,25 @@ def test_gallery_delete_is_gone_after_restart(daemons, browser, clothing):
     open_page(driver, box)
     hold_teach(driver, "A", 1.2)
     wait_until(lambda: count_of(driver, "A") >= 3, 15, what="samples of A")
-    thumbs = lambda: driver.find_elements("css selector", "#gallery .thumb")  # noqa: E731
-    wait_until(lambda: len(thumbs()) == count_of(driver, "A"), 15, what="the gallery to show every sample")
-    ids = [int(t.get_attribute("data-id")) for t in thumbs()]
+    wait_until(lambda: driver.find_element("id", "recording").get_attribute("hidden") is not None, 10,
+               what="the recording to stop on release")
+    thumb_ids = lambda: driver.execute_script(   # noqa: E731  (in one go: the gallery redraws itself)
+        "return [...document.querySelectorAll('#gallery .thumb')].map((t) => Number(t.dataset.id))")
+    wait_until(lambda: len(thumb_ids()) == count_of(driver, "A"), 15, what="the gallery to show every sample")
+    ids = thumb_ids()
     assert ids == sorted(ids, reverse=True), "newest first"
     victim = ids[1]
-    target = [t for t in thumbs() if int(t.get_attribute("data-id")) == victim][0]
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", target)
-    target.find_element("css selector", ".del-sample").click()
-    wait_until(lambda: victim not in [int(t.get_attribute("data-id")) for t in thumbs()], 10, what="the deletion")
+
+    def click_delete():
+        try:
+            target = driver.find_element("css selector", f"#gallery .thumb[data-id='{victim}'] .del-sample")
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", target)
+            target.click()
+            return True
+        except StaleElementReferenceException:   # redrawn between finding and clicking: again
+            return False
+    wait_until(click_delete, 10, what="a click on the sample's delete button")
+    wait_until(lambda: victim not in thumb_ids(), 10, what="the deletion")
     wait_until(lambda: count_of(driver, "A") == len(ids) - 1, 10, what="the count to drop")
     wait_until(lambda: f"A has only {len(ids)} " not in text(driver, "#hints"), 10, what="the hints to follow")
     screenshot(driver, "web-gallery.png")
@@ -557,8 +568,9 @@ def test_gallery_delete_is_gone_after_restart(daemons, browser, clothing):
     box.stop()
     box.start()
     open_page(driver, box)
-    wait_until(lambda: len(thumbs()) == len(ids) - 1, 20, what="the gallery after the restart")
-    assert victim not in [int(t.get_attribute("data-id")) for t in thumbs()]
+    wait_until(lambda: len(thumb_ids()) == len(ids) - 1, 20, what="the gallery after the restart")
+    assert victim not in thumb_ids()
+    assert sorted(thumb_ids()) == sorted(i for i in ids if i != victim)
     assert count_of(driver, "A") == len(ids) - 1
 
 
