@@ -1,6 +1,7 @@
 // edge-box.js: Scratch blocks for an edge box, talking to the box's own WebSocket (no broker).
 // Served by the box at /scratch/edge-box.js; its default address is the box it came from.
-// Load it "without sandbox" (TurboWarp) or preloaded in an editor; see docs/web.md.
+// The box's own Scratch editor (/scratch/) preloads it in the page; see docs/web.md for why an
+// editor from the internet cannot reach the box.
 (function (Scratch) {
   "use strict";
   const DEFAULT_URL = __EDGE_DEFAULT_WS__;
@@ -43,7 +44,7 @@
           "---",
           { opcode: "teach", blockType: Scratch.BlockType.COMMAND, text: "teach [CLASS] with [COUNT] pictures",
             arguments: { CLASS: { type: S, defaultValue: "A" }, COUNT: { type: N, defaultValue: 10 } } },
-          { opcode: "samples", blockType: Scratch.BlockType.REPORTER, text: "examples of [CLASS]",
+          { opcode: "samples", blockType: Scratch.BlockType.REPORTER, text: "pictures of [CLASS]",
             arguments: { CLASS: { type: S, defaultValue: "A" } } },
           { opcode: "undo", blockType: Scratch.BlockType.COMMAND, text: "undo last teaching" },
           { opcode: "clear", blockType: Scratch.BlockType.COMMAND, text: "forget [CLASS]",
