@@ -10,7 +10,9 @@
    Bare invokes run on a second interpreter while the box's camera is held, paced at the
    camera's rate too (an interpreter called 10 times a second is slower per call than one
    called back to back), so they do not compete with the loop; frame-to-decision is
-   read->decision on the loop thread. two_pages_over_no_page isolates the page's own cost.
+   read->decision on the loop thread. two_pages_over_no_page isolates the page's own cost;
+   loop_invoke_ms is the invoke of the same frames inside the loop (on a busy machine the
+   loop's invoke itself slows down, which no code around it can help).
 2. rss: resident memory of the real daemon (`edge run`, simulated pins, folder camera) after
    --rss-seconds with the web server off, then on with two pages watching (target: <= 25 MB more).
 
@@ -97,11 +99,21 @@ class PacedCamera(Camera):
 
 
 class Clock:
-    """An output that times read -> decision on the loop thread."""
+    """An output that times read -> decision on the loop thread, and the loop's own invokes."""
 
-    def __init__(self, camera: PacedCamera):
+    def __init__(self, camera: PacedCamera, engine):
         self.camera = camera
         self.ms: list = []
+        self.invoke_ms: list = []
+        bare = engine.invoke
+
+        def timed(x):
+            t0 = time.perf_counter()
+            try:
+                return bare(x)
+            finally:
+                self.invoke_ms.append((time.perf_counter() - t0) * 1000)
+        engine.invoke = timed       # this instance only: the box's loop calls it once a frame
 
     def decision(self, d) -> None:
         self.ms.append((time.perf_counter() - self.camera.read_at) * 1000)
@@ -187,13 +199,14 @@ def speed(blocks: int, seconds: float, clients: str, threads) -> dict:
         camera = PacedCamera(frame)
         box = Box(cfg, engine, store, camera, panel=None)
         web = WebServer(cfg.web, box.submit, device_id="bench")
-        clock = Clock(camera)
+        clock = Clock(camera, engine)
         box.outputs += [web, clock]
         assert web.start(), "the web server did not start"
         loop = threading.Thread(target=box.run, daemon=True)
         loop.start()
         pages = Pages(clients, f"http://127.0.0.1:{port}/")
         f2d = {"off": [], "on": []}
+        loop_invoke = {"off": [], "on": []}
         invoke = []
         frames_before = web.frames_sent
         try:
@@ -204,8 +217,10 @@ def speed(blocks: int, seconds: float, clients: str, threads) -> dict:
                         pages.open()
                     time.sleep(1.5)               # pages load and start watching
                     clock.ms.clear()
+                    clock.invoke_ms.clear()
                     time.sleep(seconds)
                     f2d[mode].append(float(np.median(clock.ms)))
+                    loop_invoke[mode].append(float(np.median(clock.invoke_ms)))
                     if mode == "on":
                         pages.shut()
                     camera.running.clear()        # the box idles: time bare invokes
@@ -236,6 +251,12 @@ def speed(blocks: int, seconds: float, clients: str, threads) -> dict:
         "ratio_no_page": round(ratio_off, 3),
         "ratio_two_pages": round(ratio_on, 3),
         "two_pages_over_no_page": round(float(np.median(np.array(f2d["on"]) / np.array(f2d["off"]))), 3),
+        # The same frames' invoke inside the loop: what is around the invoke (preprocess, head,
+        # outputs) vs what the invoke itself lost to other work on the cores.
+        "loop_invoke_ms_no_page": round(float(np.median(loop_invoke["off"])), 2),
+        "loop_invoke_ms_two_pages": round(float(np.median(loop_invoke["on"])), 2),
+        "frame_to_decision_over_loop_invoke_two_pages": round(float(np.median(
+            np.array(f2d["on"]) / np.array(loop_invoke["on"]))), 3),
         "pictures_encoded": web.frames_sent - frames_before,
         "socket_client_stats": pages.stats,
         "target": 1.25,

@@ -574,6 +574,75 @@ def test_gallery_delete_is_gone_after_restart(daemons, browser, clothing):
     assert count_of(driver, "A") == len(ids) - 1
 
 
+def test_undo_classes_threshold_and_clear_from_the_page(daemons, browser, clothing):
+    box = daemons()
+    box.show(photos(clothing, "hat"))
+    box.start()
+    driver = browser()
+    open_page(driver, box)
+    by_id = lambda i: driver.find_element("id", i)  # noqa: E731
+    names = lambda: driver.execute_script(  # noqa: E731
+        "return [...document.querySelectorAll('.class')].map((e) => e.dataset.cls)")
+    card_button = lambda cls, css: driver.find_element(  # noqa: E731
+        "css selector", f".class[data-cls='{cls}'] {css}")
+
+    hold_teach(driver, "A", 1.0)
+    wait_until(lambda: count_of(driver, "A") >= 2, 15, what="samples of A")
+    wait_until(lambda: by_id("recording").get_attribute("hidden") is not None, 10, what="the recording to stop")
+    by_id("undo").click()
+    wait_until(lambda: count_of(driver, "A") == 0, 10, what="undo to take the teaching back")
+
+    by_id("add-name").send_keys("Cups")
+    by_id("add").click()
+    wait_until(lambda: names() == ["A", "B", "Cups"], 10, what="the new class")
+    card_button("Cups", ".rename").click()
+    wait_until(lambda: by_id("rename").is_displayed(), 5, what="the rename dialog")
+    by_id("rename-name").clear()
+    by_id("rename-name").send_keys("Mugs")
+    by_id("rename-yes").click()
+    wait_until(lambda: names() == ["A", "B", "Mugs"], 10, what="the renamed class")
+    assert not card_button("A", ".remove").is_displayed(), "a class with a button is cleared, not removed"
+    card_button("Mugs", ".remove").click()
+    wait_until(lambda: by_id("confirm").is_displayed(), 5, what="the confirmation")
+    by_id("confirm-yes").click()
+    wait_until(lambda: names() == ["A", "B"], 10, what="the class to go")
+
+    card_button("B", ".nothing").click()
+    wait_until(lambda: driver.execute_script(
+        "return document.querySelector(\".class[data-cls='B'] .nothing\").checked"), 10, what="B to mean nothing")
+    wait_until(lambda: driver.execute_script(
+        "return [...document.querySelectorAll('.led[data-cls]')].map((e) => e.dataset.cls)") == ["A"], 10,
+        what="only A's LED (a nothing class has none)")
+
+    by_id("th-auto").click()                             # off: the slider's value applies
+    driver.execute_script("const s = document.getElementById('th-slider'); s.value = '0.8';"
+                          "s.dispatchEvent(new Event('change'))")
+    wait_until(lambda: text(driver, "#th-value") == "0.80", 10, what="the threshold set by the slider")
+    mark = driver.execute_script("return document.querySelector('.score .mark').style.left")
+    assert "80%" in mark, mark
+    by_id("th-auto").click()
+    wait_until(lambda: text(driver, "#th-value").endswith("(automatic)"), 10, what="the automatic threshold")
+
+    hold_teach(driver, "A", 1.0)
+    wait_until(lambda: count_of(driver, "A") >= 2, 15, what="samples of A again")
+    wait_until(lambda: by_id("recording").get_attribute("hidden") is not None, 10, what="the recording to stop")
+    by_id("clear-all").click()
+    wait_until(lambda: by_id("confirm").is_displayed(), 5, what="the confirmation")
+    by_id("confirm-no").click()
+    time.sleep(1.0)
+    assert count_of(driver, "A") >= 2, "'No, keep it' keeps everything"
+    card_button("A", ".clear").click()
+    wait_until(lambda: by_id("confirm").is_displayed(), 5, what="the confirmation")
+    by_id("confirm-yes").click()
+    wait_until(lambda: count_of(driver, "A") == 0, 10, what="A to be cleared")
+
+    box.stop()
+    box.start()
+    open_page(driver, box)
+    assert names() == ["A", "B"] and count_of(driver, "A") == 0
+    assert driver.execute_script("return document.querySelector(\".class[data-cls='B'] .nothing\").checked")
+
+
 def test_export_downloads_a_file_another_box_imports(daemons, browser, clothing):
     box = daemons()
     box.show(photos(clothing, "hat"))
