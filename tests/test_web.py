@@ -651,6 +651,8 @@ def test_export_downloads_a_file_another_box_imports(daemons, browser, clothing)
     open_page(driver, box)
     hold_teach(driver, "A", 1.0)
     wait_until(lambda: count_of(driver, "A") >= 2, 15, what="samples of A")
+    wait_until(lambda: driver.find_element("id", "recording").get_attribute("hidden") is not None, 10,
+               what="the recording to stop on release")
     taught = count_of(driver, "A")
     driver.find_element("id", "export").click()
     files = wait_until(lambda: [p for p in driver.downloads.iterdir() if p.suffix == ".edge"], 20,
