@@ -851,6 +851,15 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
         if link is not None:
             link.start()
             stack.callback(link.close)
+        # --- the web page (edge/web.py): its own thread; Requests in, Outputs back ---------
+        if cfg.web.enabled:
+            from edge.web import WebServer, upload_limit
+            page = WebServer(cfg.web, box.submit, device_id=cfg.device_id,
+                             max_upload=upload_limit(engine.dim, cfg.capture.max_per_class))
+            box.outputs.append(page)
+            if page.start():
+                stack.callback(page.close)
+        # --- end of the web page -------------------------------------------------------------
         if terminal:
             from edge.sim import Terminal
             sim = Terminal(box, panel, camera)

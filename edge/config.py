@@ -236,6 +236,20 @@ class MqttConfig:
     """Home Assistant's discovery topic prefix."""
 
 
+@dataclass(frozen=True)
+class WebConfig:
+    """The box's own web page (docs/web.md): live view, teaching, gallery, Scratch over WebSocket."""
+
+    enabled: bool = True
+    """Serve the page at all; the box works fully without it."""
+    host: str = "0.0.0.0"
+    """Address to listen on: 0.0.0.0 for every network of the box, 127.0.0.1 for this computer only."""
+    port: int = 8080
+    """TCP port of the page (http://<box>:8080/)."""
+    pin: Optional[str] = field(default=None, repr=False)
+    """PIN every change needs (teach, delete, clear, import, rename, threshold); None: anyone may."""
+
+
 def _default_device_id() -> str:
     """The host name, lower-cased and cut to [a-z0-9-] (first label only); "edge" if nothing is left."""
     try:
@@ -266,6 +280,7 @@ class Config:
     capture: CaptureConfig = CaptureConfig()
     store: StoreConfig = StoreConfig()
     mqtt: MqttConfig = MqttConfig()
+    web: WebConfig = WebConfig()
     source: str = "defaults"
     """Name of the file the settings came from, for messages."""
 
@@ -273,6 +288,7 @@ class Config:
         """The settings as a JSON-able dict without the MQTT password (for logs and MQTT state)."""
         data = _jsonable(dataclasses.asdict(self))
         data["mqtt"].pop("password", None)
+        data["web"].pop("pin", None)
         return data
 
 
@@ -518,6 +534,16 @@ def _threshold(path: str, value: Any) -> Union[str, float]:
         raise _expected(path, "'auto' or a number between -1 and 1", value) from None
 
 
+def _pin_code(path: str, value: Any) -> str:
+    """The web PIN: 4 to 32 digits or letters, in quotes. A bare number is refused because YAML
+    reads 0123 as 83 and 1e3 as text. Never shown in messages."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise _Invalid(path, 'put the PIN in quotes, e.g. pin: "1234"')
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9]{4,32}", value):
+        raise _Invalid(path, "expected 4 to 32 digits or letters, in quotes")
+    return value
+
+
 def _device_id(path: str, value: Any) -> str:
     value = _string(path, value)
     if not re.fullmatch(r"[a-z0-9-]{1,63}", value):
@@ -555,6 +581,7 @@ TOP = {
     "status_led": _pin,
     "led_pwm": _boolean,
     "camera": None, "model": None, "head": None, "capture": None, "store": None, "mqtt": None,
+    "web": None,
 }
 CLASS = {"name": _string, "button": _pin, "led": _pin, "nothing": _boolean}
 CAMERA = {
@@ -603,6 +630,13 @@ MQTT = {
     "max_queue": _integer(1),
     "homeassistant": _boolean,
     "discovery_prefix": _topic,
+}
+
+WEB = {
+    "enabled": _boolean,
+    "host": _host,
+    "port": _integer(1, 65535),
+    "pin": _optional(lambda path, value: _pin_code(path, value)),
 }
 
 
@@ -690,6 +724,7 @@ def _parse(data: Any, source: str, base: Path, secrets: bool = True) -> Config:
         capture=CaptureConfig(**_mapping("capture", top.get("capture"), CAPTURE)),
         store=StoreConfig(**store),
         mqtt=mqtt,
+        web=WebConfig(**_mapping("web", top.get("web"), WEB)),
         source=source,
     )
 

@@ -6,11 +6,13 @@
 #   systemd/install.sh --dry-run         only print what it would do (no root needed)
 #
 # What it does (docs/install.md explains each step):
-#   1. apt packages: git, python3-venv, python3-picamera2, python3-lgpio (+ mosquitto with --mosquitto)
+#   1. apt packages: git, python3-venv, python3-picamera2, python3-lgpio (+ mosquitto with --mosquitto,
+#      npm with --scratch-editor)
 #   2. the system user "edge" (groups gpio and video), from systemd/edge.sysusers
 #   3. the code in /opt/edge: this checkout is used in place when it is /opt/edge, else copied there
 #   4. the venv /opt/edge/.venv (script/bootstrap; --system-site-packages so apt's picamera2 and
-#      lgpio are visible), and /usr/local/bin/edge pointing at its `edge` command
+#      lgpio are visible), and /usr/local/bin/edge pointing at its `edge` command; with
+#      --scratch-editor also the Scratch editor the box serves at /scratch/ (script/scratch-editor)
 #   5. /etc/edge/config.yaml from config.yaml with store.path: /var/lib/edge/store (an existing
 #      one is kept), an empty /etc/edge/mqtt-password if none, then `edge check-config`
 #   6. /etc/systemd/system/edge.service, daemon-reload, enable, (re)start
@@ -37,6 +39,8 @@ Install or update edge as a systemd service (see docs/install.md).
 Options:
   --dry-run        print every step and command, change nothing (root not needed)
   --mosquitto      also install the mosquitto MQTT broker and its command line clients
+  --scratch-editor also put the Scratch editor on the box (served at http://<box>:8080/scratch/
+                   with the box's blocks, offline afterwards; needs npm and internet once)
   --no-apt         skip apt (packages already installed, or no internet for apt)
   --no-start       install and enable, but do not (re)start the service now
   --print-config   print the /etc/edge/config.yaml a fresh install would write, and exit
@@ -48,10 +52,12 @@ DRY_RUN=0
 APT=1
 START=1
 PRINT_CONFIG=0
+SCRATCH_EDITOR=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY_RUN=1 ;;
         --mosquitto) PACKAGES+=(mosquitto mosquitto-clients) ;;
+        --scratch-editor) PACKAGES+=(npm); SCRATCH_EDITOR=1 ;;
         --no-apt) APT=0 ;;
         --no-start) START=0 ;;
         --print-config) PRINT_CONFIG=1 ;;
@@ -171,6 +177,10 @@ if ! (cd / && run runuser -u edge -- "$PREFIX/.venv/bin/python" -c 'import edge'
     die "the user edge cannot run $PREFIX/.venv/bin/python; is its Python in a private folder?"
 fi
 run ln -sfn "$PREFIX/.venv/bin/edge" "$LINK"
+if [ "$SCRATCH_EDITOR" = 1 ]; then
+    say "the Scratch editor for http://<box>:8080/scratch/ (docs/web.md)"
+    run "$PREFIX/script/scratch-editor" "$PREFIX/var/scratch-editor"
+fi
 
 # --- 5. the settings -------------------------------------------------------------------------
 step "5/6 settings in $ETC_DIR"

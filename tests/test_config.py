@@ -94,6 +94,7 @@ def test_shipped_config_values():
     assert cfg.store == StoreConfig(path=REPO / "var" / "store")
     assert cfg.mqtt == MqttConfig(prefix=f"edge/{cfg.device_id}")
     assert not cfg.mqtt.enabled and not cfg.mqtt.tls.enabled
+    assert cfg.web == config.WebConfig() and cfg.web.enabled and cfg.web.port == 8080 and cfg.web.pin is None
     assert re.fullmatch(r"[a-z0-9-]{1,63}", cfg.device_id)
 
 
@@ -101,7 +102,8 @@ def test_shipped_config_shows_every_key_and_docs_name_every_key():
     raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     docs = (REPO / "docs" / "config.md").read_text()
     sections = {"camera": config.CAMERA, "model": config.MODEL, "head": config.HEAD,
-                "capture": config.CAPTURE, "store": config.STORE, "mqtt": config.MQTT}
+                "capture": config.CAPTURE, "store": config.STORE, "mqtt": config.MQTT,
+                "web": config.WEB}
     assert list(raw) == list(config.TOP)
     assert list(raw["classes"][0]) == list(config.CLASS)
     assert list(raw["mqtt"]["tls"]) == list(config.TLS)
@@ -284,6 +286,10 @@ def test_pins_are_kept_as_written_in_gpiozero_spelling(tmp_path):
     ({"classes": [{"name": "A", "colour": "red"}]}, "classes[0]: unknown key 'colour' (known: name, button, led, nothing)"),
     ({"mqtt": {"tls": {"ca_file": "x"}}}, "mqtt.tls: unknown key 'ca_file' (known: ca, cert, key, insecure)"),
     ({1: 2}, "config.yaml: unknown key 1 (known:"),
+    ({"web": {"pin": 2468}}, 'config.yaml: web.pin: put the PIN in quotes, e.g. pin: "1234"'),
+    ({"web": {"pin": "24 68"}}, "config.yaml: web.pin: expected 4 to 32 digits or letters, in quotes"),
+    ({"web": {"port": 70000}}, "config.yaml: web.port: expected an integer between 1 and 65535, got 70000"),
+    ({"web": {"enabled": "yes please"}}, "config.yaml: web.enabled: expected true or false, got 'yes please'"),
     # classes
     ({"classes": []}, "classes: expected 1 to 8 classes, got 0"),
     ({"classes": [{"name": f"c{i}"} for i in range(9)]}, "classes: expected 1 to 8 classes, got 9"),
@@ -618,3 +624,9 @@ def test_mqtt_camera_needs_mqtt(tmp_path, model_file):
     path.write_text("camera:\n  source: mqtt\nmodel:\n  path: model.tflite\n")
     with pytest.raises(ConfigError, match="camera.source: 'mqtt' needs mqtt.enabled"):
         load_config(path)
+
+
+def test_web_pin_is_kept_and_never_shown(tmp_path):
+    cfg = parse_config({"web": {"pin": "0123"}}, base=tmp_path)
+    assert cfg.web.pin == "0123"
+    assert "0123" not in repr(cfg) and "pin" not in cfg.public_dict()["web"]
