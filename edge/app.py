@@ -839,6 +839,12 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
             link = MqttLink(cfg.mqtt, cfg.device_id, commands.put, frame_source=cfg.camera.source == "mqtt",
                             frame_size=engine.size)
             outputs.append(link)
+        page = None
+        if cfg.web.enabled:     # the web page (edge/web.py): its own thread; Requests in, Outputs back
+            from edge.web import WebServer, upload_limit
+            page = WebServer(cfg.web, commands.put, device_id=cfg.device_id,
+                             max_upload=upload_limit(engine.dim, cfg.capture.max_per_class))
+            outputs.append(page)
         camera = link.camera if link is not None and link.camera is not None else \
             make_camera(cfg.camera, demo_folder=_demo_folder(), model_size=engine.size)
         stack.callback(camera.close)
@@ -851,15 +857,8 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
         if link is not None:
             link.start()
             stack.callback(link.close)
-        # --- the web page (edge/web.py): its own thread; Requests in, Outputs back ---------
-        if cfg.web.enabled:
-            from edge.web import WebServer, upload_limit
-            page = WebServer(cfg.web, box.submit, device_id=cfg.device_id,
-                             max_upload=upload_limit(engine.dim, cfg.capture.max_per_class))
-            box.outputs.append(page)
-            if page.start():
-                stack.callback(page.close)
-        # --- end of the web page -------------------------------------------------------------
+        if page is not None and page.start():
+            stack.callback(page.close)
         if terminal:
             from edge.sim import Terminal
             sim = Terminal(box, panel, camera)

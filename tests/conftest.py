@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 
 from edge.engine import DEFAULT_MODEL, Embedder
-from faults_daemon import EdgeDaemon
-from mqtt_broker import Broker, Watcher
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,6 +91,7 @@ def engine() -> Embedder:
 @pytest.fixture
 def broker(tmp_path):
     """A real mosquitto on a free local port, for one test."""
+    from mqtt_broker import Broker
     b = Broker(tmp_path / "broker").start()
     yield b
     b.stop()
@@ -102,6 +101,7 @@ def broker(tmp_path):
 def watchers(request):
     """make(broker, topics=(PREFIX/#,)) -> a Watcher recording every message; PREFIX is the
     test module's. All are closed at teardown."""
+    from mqtt_broker import Watcher
     made = []
     prefix = getattr(request.module, "PREFIX", "edge")
 
@@ -122,6 +122,7 @@ def watchers(request):
 def daemons():
     """make(config_path, log=None, **popen options) -> an EdgeDaemon (`edge run` in a child);
     all are stopped at teardown."""
+    from faults_daemon import EdgeDaemon
     made = []
 
     def make(config, log=None, **kw):

@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
 
 from tools.pi_check import check as pi_check  # noqa: E402
 
-DEPENDENCIES = {"numpy", "ai-edge-litert", "pillow", "pyyaml", "gpiozero", "paho-mqtt"}
+DEPENDENCIES = {"numpy", "ai-edge-litert", "pillow", "pyyaml", "gpiozero", "paho-mqtt", "aiohttp"}
 
 
 def _in_ci() -> bool:

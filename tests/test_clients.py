@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
@@ -77,8 +78,9 @@ def box(tmp_path, engine, clothing, broker):
                  "password": PASSWORD, "client_id": "edge-scratchbox"},
     }, base=tmp_path)
     holder = {}
-    link = MqttLink(cfg.mqtt, cfg.device_id, lambda cmd: holder["box"].box.submit(cmd))
-    running = RunningBox(cfg, engine, link, FolderCamera(shown, 10))
+    commands = queue.Queue()
+    link = MqttLink(cfg.mqtt, cfg.device_id, commands.put)
+    running = RunningBox(cfg, engine, link, FolderCamera(shown, 10), commands)
     holder["box"] = running
     running.start()
     yield running
@@ -183,8 +185,9 @@ def nodered_box(tmp_path, engine, clothing, broker):
                  "password": PASSWORD, "client_id": "edge-edge-1"},
     }, base=tmp_path)
     holder = {}
-    link = MqttLink(cfg.mqtt, cfg.device_id, lambda cmd: holder["box"].box.submit(cmd))
-    running = RunningBox(cfg, engine, link, FolderCamera(shown, 10))
+    commands = queue.Queue()
+    link = MqttLink(cfg.mqtt, cfg.device_id, commands.put)
+    running = RunningBox(cfg, engine, link, FolderCamera(shown, 10), commands)
     holder["box"] = running
     running.start()
     yield running
@@ -379,8 +382,9 @@ def test_mqtt_camera_box_says_its_label_at_start_and_answers_each_picture_alone(
     assert cfg.head.smoothing > 1                       # the default smooths over 5 frames
     watcher = Watcher(broker, topics=("edge/camerabox/#",), username="scratch", password=PASSWORD)
     holder = {}
-    link = MqttLink(cfg.mqtt, cfg.device_id, lambda cmd: holder["box"].box.submit(cmd), frame_source=True)
-    running = RunningBox(cfg, engine, link, link.camera)
+    commands = queue.Queue()
+    link = MqttLink(cfg.mqtt, cfg.device_id, commands.put, frame_source=True)
+    running = RunningBox(cfg, engine, link, link.camera, commands)
     holder["box"] = running
     vectors = {name: __import__("numpy").stack([engine.embed(load_image(p)) for p in
                                                 list_images(clothing / "train" / name)[:8]])

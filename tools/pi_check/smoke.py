@@ -32,6 +32,7 @@ DEPENDENCIES = {
     "pyyaml": "yaml",
     "gpiozero": "gpiozero",
     "paho-mqtt": "paho.mqtt.client",
+    "aiohttp": "aiohttp.web",
 }
 
 CLASSES = ("hat", "shoes", "pants", "dress")
@@ -144,7 +145,8 @@ def import_dependencies() -> dict:
     native = {}
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None) or ""
-        if path.endswith(".so") and name.split(".")[0] in ("numpy", "PIL", "yaml", "ai_edge_litert"):
+        if path.endswith(".so") and name.split(".")[0] in ("numpy", "PIL", "yaml", "ai_edge_litert",
+                                                                       "aiohttp", "multidict", "yarl", "frozenlist", "propcache"):
             native[name] = path
     found["_native"] = dict(sorted(native.items()))
     return found
