@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from mqtt_broker import wait_until  # noqa: F401  (re-exported for the reliability tests)
+from mqtt_broker import free_port, wait_until  # noqa: F401  (wait_until: re-exported for the reliability tests)
 
 REPO = Path(__file__).resolve().parent.parent
 FULL = os.environ.get("EDGE_RELIABILITY_FULL", "").lower() in ("1", "true", "yes")
@@ -45,6 +45,8 @@ def daemon_config(folder: Path, port: int, prefix: str, source: str = "mqtt", ca
         "store": {"path": str(store or folder / "store")},
         "mqtt": dict({"enabled": True, "host": "127.0.0.1", "port": port, "prefix": prefix,
                       "client_id": "edge-rel", "keepalive": 5}, **(mqtt or {})),
+        # The page on a free port of its own: daemons of a test (and other suites) never share one.
+        "web": {"host": "127.0.0.1", "port": free_port()},
     }
     if camera_folder is not None:
         data["camera"]["folder"] = str(camera_folder)

@@ -447,9 +447,11 @@ def trained_store(path: Path, engine, clothing, n=4) -> None:
 
 
 def show(folder: Path, clothing, name: str) -> None:
+    """Put two of the photos trained_store taught into the camera folder: the scene's answer is
+    then certain, so what is checked is the link (not the head's accuracy on unseen photos)."""
     for old in folder.iterdir():
         old.unlink()
-    for f in list_images(clothing / "test" / name)[:2]:
+    for f in list_images(clothing / "train" / name)[:2]:
         shutil.copy(f, folder / f.name)
 
 
