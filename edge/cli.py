@@ -108,7 +108,7 @@ def cmd_eval(args) -> int:
 
 def cmd_reference(args) -> int:
     """Write the model's reference mean embedding from a broad set of everyday photos."""
-    from edge.engine import reference_path
+    from edge.engine import MODELS_DIR, reference_path
     from edge.evaluate import embed_files
     from edge.head import signed_sqrt
     from edge.image import IMAGE_SUFFIXES
@@ -118,11 +118,29 @@ def cmd_reference(args) -> int:
         files += sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) < 50:
         raise UserError(f"found {len(files)} photos; a reference mean needs at least 50 varied photos")
+    beside = reference_path(engine.path)
+    if args.out:
+        out = Path(args.out)
+    else:
+        # Never into models/ unless asked: the shipped model's reference mean is part of the box.
+        out = Path.cwd() / beside.name
+        if _inside(out, MODELS_DIR) or out.exists():
+            raise UserError(f"{out} {'is in models/' if _inside(out, MODELS_DIR) else 'exists already'}; "
+                            f"choose where to write with --out FILE")
     mean = signed_sqrt(embed_files(files, engine.embed)).mean(axis=0).astype(np.float32)
-    out = Path(args.out) if args.out else reference_path(engine.path)
     np.save(out, mean)
     print(f"wrote {out} from {len(files)} photos")
+    if out.resolve() != beside.resolve():
+        print(f"the box uses the reference mean beside the model: copy it to {beside} to use it")
     return EXIT_OK
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def cmd_bench(args) -> int:
@@ -273,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reference", help="compute a model's reference mean embedding from photos")
     p.add_argument("folders", nargs="+", metavar="DIR", help="folders of varied everyday photos")
-    p.add_argument("--out", help="output .npy (default: <model stem>.mean.npy beside the model)")
+    p.add_argument("--out", help="output .npy (default: <model stem>.mean.npy in the current folder; "
+                                 "never into models/ unless given here)")
     _add_model_args(p)
     p.set_defaults(func=cmd_reference)
 
@@ -307,7 +326,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"edge: error: {exc}", file=sys.stderr)
         return exc.code
     except ConfigError as exc:
-        print(f"edge: error: {exc}", file=sys.stderr)
+        for line in exc.errors:         # every bad setting, one line each, in file order
+            print(f"edge: error: {line}", file=sys.stderr)
         return EXIT_USAGE
     except (ModelError, DatasetError, ImageError, StoreError, CameraError, RuleError) as exc:
         print(f"edge: error: {exc}", file=sys.stderr)

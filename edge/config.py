@@ -8,6 +8,7 @@ file (a typo, a wrong type, binary garbage) produces a traceback. docs/config.md
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 import os
@@ -16,7 +17,7 @@ import reprlib
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -34,10 +35,16 @@ MAX_SECRET_BYTES = 4096
 
 
 class ConfigError(ValueError):
-    """A bad setting. The message is always one line: `file: key.path: what is wrong, got value`."""
+    """A bad setting. The message is always one line: `file: key.path: what is wrong, got value`.
 
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).splitlines()))
+    A file with several bad settings gives one ConfigError listing them all in `errors` (one line
+    each, in the order they appear in the file); its message is the first of them.
+    """
+
+    def __init__(self, message: str, errors: Optional[list] = None):
+        lines = [" ".join(str(line).splitlines()) for line in (errors or [message])]
+        super().__init__(lines[0] if errors else " ".join(str(message).splitlines()))
+        self.errors = lines
 
 
 # --- pins ---------------------------------------------------------------------------------------
@@ -382,21 +389,108 @@ def _load_yaml(text: str, name: str) -> Any:
 def parse_config(data: dict, source: str = "config", base: Optional[Path] = None,
                  secrets: bool = True) -> Config:
     """Validated settings from already-parsed YAML. Relative paths resolve against `base`
-    (default: the current folder). Raises ConfigError naming `source` and the key path."""
+    (default: the current folder). Raises ConfigError naming `source` and the key path; with
+    several bad settings, all of them, in the order of the file (ConfigError.errors)."""
     base = Path.cwd() if base is None else Path(base)
+    found: List[_Invalid] = []
+    token = _FOUND.set(found)
     try:
-        return _parse(data, source, base, secrets)
+        config = _parse(data, source, base, secrets)
     except _Invalid as exc:
-        where = f"{source}: {exc.path}: " if exc.path else f"{source}: "
-        raise ConfigError(where + exc.message) from None
+        if not isinstance(exc, _Stop):
+            found.append(exc)
+        config = None
+    finally:
+        _FOUND.reset(token)
+    if found:
+        order = _positions(data)
+        ranked = sorted(enumerate(found), key=lambda item: (_position(order, item[1].at), item[0]))
+        lines = [(f"{source}: {exc.path}: " if exc.path else f"{source}: ") + exc.message
+                 for _, exc in ranked]
+        raise ConfigError(lines[0], errors=list(dict.fromkeys(lines)))
+    return config
 
 
 class _Invalid(Exception):
-    """Internal: a bad value at a key path; parse_config turns it into a ConfigError."""
+    """Internal: a bad value at a key path; parse_config turns it into a ConfigError. `at` is
+    where it sits in the file when that differs from `path` (an unknown key of a section)."""
 
-    def __init__(self, path: str, message: str):
+    def __init__(self, path: str, message: str, at: Optional[str] = None):
         super().__init__(message)
         self.path, self.message = path, message
+        self.at = path if at is None else at
+
+
+class _Stop(_Invalid):
+    """A section whose problems are already recorded: use the fallback, record nothing more."""
+
+    def __init__(self):
+        super().__init__("", "")
+
+
+# The problems found so far while one parse_config runs: each section is checked on after a bad
+# value (with that setting's default), so one run reports every bad setting, not just the first.
+_FOUND: "contextvars.ContextVar[List[_Invalid]]" = contextvars.ContextVar("edge_config_found")
+
+
+def _note(exc: _Invalid) -> None:
+    """Record a problem and carry on (outside parse_config: raise it)."""
+    if isinstance(exc, _Stop):
+        return
+    found = _FOUND.get(None)
+    if found is None:
+        raise exc
+    found.append(exc)
+
+
+def _checked(fallback, step: Callable[[], Any]):
+    """step(), or `fallback` after recording the problem it raised."""
+    try:
+        return step()
+    except _Invalid as exc:
+        _note(exc)
+        return fallback
+
+
+def _positions(data: Any) -> Dict[str, int]:
+    """Key path -> its rank in the file: the parsed YAML keeps the file's order of keys."""
+    order: Dict[str, int] = {}
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                sub = _join(path, str(key))
+                order.setdefault(sub, len(order))
+                walk(item, sub)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                sub = f"{path}[{i}]"
+                order.setdefault(sub, len(order))
+                walk(item, sub)
+
+    try:
+        walk(data, "")
+    except RecursionError:
+        pass
+    return order
+
+
+def _position(order: Dict[str, int], path: str) -> int:
+    """The rank of a key path in the file, or of its nearest parent there (a key the file does
+    not have, such as the model.variant of a missing model file, sorts with its section)."""
+    probe = path
+    while probe:
+        if probe in order:
+            return order[probe]
+        parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", probe)
+        probe = "" if parent == probe else parent
+    return -1 if not path else len(order)
+
+
+def _noted(*paths: str) -> bool:
+    """Whether a problem was recorded at one of these key paths (or inside them)."""
+    return any(e.path == p or e.path.startswith(p + ".") or e.path.startswith(p + "[")
+               for e in _FOUND.get([]) for p in paths)
 
 
 # --- value checkers: each takes (key path, value) and returns the clean value or raises _Invalid ---
@@ -656,9 +750,19 @@ def _mapping(path: str, value: Any, spec: Dict[str, Optional[Checker]]) -> Dict[
         raise _Invalid(path, f"expected a mapping of settings{where}, got {_show(value)}")
     for key in value:
         if not isinstance(key, str) or key not in spec:
-            raise _Invalid(path, f"unknown key {_show(key)} (known: {', '.join(spec)})")
-    return {key: value[key] if check is None else check(_join(path, key), value[key])
-            for key, check in spec.items() if key in value}
+            _note(_Invalid(path, f"unknown key {_show(key)} (known: {', '.join(spec)})",
+                           at=_join(path, str(key))))
+    checked: Dict[str, Any] = {}
+    for key, check in spec.items():
+        if key in value:
+            if check is None:
+                checked[key] = value[key]
+                continue
+            try:
+                checked[key] = check(_join(path, key), value[key])
+            except _Invalid as exc:
+                _note(exc)          # left out: the setting's default stands in for it
+    return checked
 
 
 def _resolve(text: str, base: Path) -> Path:
@@ -686,32 +790,41 @@ def _file(path: str, text: str, base: Path, folder: bool = False) -> Path:
 
 
 def _parse(data: Any, source: str, base: Path, secrets: bool = True) -> Config:
+    """Check every section; a bad one is recorded (_note) and replaced by its defaults so the
+    others are still checked. Raises only when the whole file is unusable."""
     if data is None:
         raise _Invalid("", "no settings (expected a mapping such as 'classes:' at the top level)")
     top = _mapping("", data, TOP)
     device_id = top.get("device_id") or _default_device_id()
-    classes = _classes(top["classes"]) if "classes" in top else _default_classes()
+    classes = _checked(None, lambda: _classes(top["classes"])) if "classes" in top else _default_classes()
     function_button = top.get("function_button", Config.function_button)
     status_led = top.get("status_led", Config.status_led)
-    _check_pins(classes, function_button, status_led)
+    if classes is not None and not _noted("function_button", "status_led"):
+        _checked(None, lambda: _check_pins(classes, function_button, status_led))
+    if classes is None:
+        classes = _default_classes()
 
-    camera = CameraConfig(**_mapping("camera", top.get("camera"), CAMERA))
+    def section(name: str, spec: Dict[str, Optional[Checker]]) -> Dict[str, Any]:
+        return _checked({}, lambda: _mapping(name, top.get(name), spec))
+
+    camera = CameraConfig(**section("camera", CAMERA))
     if camera.folder is not None:
-        camera = dataclasses.replace(camera, folder=_file("camera.folder", camera.folder, base, folder=True))
+        folder = _checked(None, lambda: _file("camera.folder", camera.folder, base, folder=True))
+        camera = dataclasses.replace(camera, folder=folder)
 
-    model = ModelConfig(**_mapping("model", top.get("model"), MODEL))
+    model = ModelConfig(**section("model", MODEL))
     if model.path is not None:
-        model = dataclasses.replace(model, path=_file("model.path", model.path, base))
-    elif not _is_file(model.model_path):
-        raise _Invalid("model.variant", f"model file not found: {model.model_path} "
-                                        f"(build it with tools/build_model.py, or set model.path)")
+        model = dataclasses.replace(model, path=_checked(None, lambda: _file("model.path", model.path, base)))
+    elif not _noted("model") and not _is_file(model.model_path):
+        _note(_Invalid("model.variant", f"model file not found: {model.model_path} "
+                                        f"(build it with tools/build_model.py, or set model.path)"))
 
-    store = _mapping("store", top.get("store"), STORE)
+    store = section("store", STORE)
     store["path"] = _resolve(store.get("path", "var/store"), base)
 
-    mqtt = _mqtt(top.get("mqtt"), device_id, base, secrets)
-    if camera.source == "mqtt" and not mqtt.enabled:
-        raise _Invalid("camera.source", "'mqtt' needs mqtt.enabled: true (frames arrive over MQTT)")
+    mqtt = _checked(None, lambda: _mqtt(top.get("mqtt"), device_id, base, secrets))
+    if camera.source == "mqtt" and mqtt is not None and not mqtt.enabled and not _noted("mqtt.enabled"):
+        _note(_Invalid("camera.source", "'mqtt' needs mqtt.enabled: true (frames arrive over MQTT)"))
     return Config(
         device_id=device_id,
         classes=classes,
@@ -720,11 +833,11 @@ def _parse(data: Any, source: str, base: Path, secrets: bool = True) -> Config:
         led_pwm=top.get("led_pwm", False),
         camera=camera,
         model=model,
-        head=HeadConfig(**_mapping("head", top.get("head"), HEAD)),
-        capture=CaptureConfig(**_mapping("capture", top.get("capture"), CAPTURE)),
+        head=HeadConfig(**section("head", HEAD)),
+        capture=CaptureConfig(**section("capture", CAPTURE)),
         store=StoreConfig(**store),
-        mqtt=mqtt,
-        web=WebConfig(**_mapping("web", top.get("web"), WEB)),
+        mqtt=mqtt if mqtt is not None else MqttConfig(prefix=f"edge/{device_id}"),
+        web=WebConfig(**section("web", WEB)),
         source=source,
     )
 
@@ -741,22 +854,33 @@ def _classes(value: Any) -> Tuple[ClassConfig, ...]:
         raise _expected("classes", f"a list of 1 to {MAX_CLASSES} classes", value)
     if not 1 <= len(value) <= MAX_CLASSES:
         raise _Invalid("classes", f"expected 1 to {MAX_CLASSES} classes, got {len(value)}")
-    classes, seen = [], {}
+    classes, seen, bad = [], {}, False
     for i, item in enumerate(value):
         path = f"classes[{i}]"
-        if not isinstance(item, dict):
-            raise _expected(path, "a mapping with name, button and led", item)
-        checked = _mapping(path, item, CLASS)
-        if "name" not in checked:
-            raise _Invalid(path, "missing key 'name'")
-        name = checked["name"]
-        _class_name(f"{path}.name", name)
-        folded = name.casefold()
-        if folded in seen:
-            raise _Invalid(f"{path}.name", f"class name {_show(name)} is already used by {seen[folded]}.name "
-                                           f"(names are compared ignoring case)")
-        seen[folded] = path
-        classes.append(ClassConfig(**checked))
+        try:
+            if not isinstance(item, dict):
+                raise _expected(path, "a mapping with name, button and led", item)
+            found = len(_FOUND.get([]))
+            checked = _mapping(path, item, CLASS)
+            if len(_FOUND.get([])) > found:
+                bad = True
+            if "name" not in checked:
+                if not any(e.path == f"{path}.name" for e in _FOUND.get([])):
+                    raise _Invalid(path, "missing key 'name'")
+                continue
+            name = checked["name"]
+            _class_name(f"{path}.name", name)
+            folded = name.casefold()
+            if folded in seen:
+                raise _Invalid(f"{path}.name", f"class name {_show(name)} is already used by {seen[folded]}.name "
+                                               f"(names are compared ignoring case)")
+            seen[folded] = path
+            classes.append(ClassConfig(**checked))
+        except _Invalid as exc:
+            _note(exc)
+            bad = True
+    if bad:
+        raise _Stop()
     return tuple(classes)
 
 
