@@ -156,6 +156,7 @@ def run_trials(train: Split, test: Optional[Split], shots: int, trials: int, see
     if nothing is not None and not 0 < nothing_shots < len(nothing):
         raise DatasetError(f"--nothing needs more than {nothing_shots} photos, found {len(nothing)}")
     rng = np.random.default_rng(seed)
+    nothing_rng = np.random.default_rng([seed, 1])   # own stream: the same trials as without it
     keys = ("accuracy", "known_accuracy", "baseline_accuracy", "unknown_rate", "holdout_unknown_rate",
             "holdout_auroc", "unknown_auroc", "nothing_unknown_rate", "nothing_known_accuracy",
             "nothing_holdout_unknown_rate")
@@ -203,7 +204,7 @@ def run_trials(train: Split, test: Optional[Split], shots: int, trials: int, see
             for key, m in others.items():
                 curve[o][key].append(float((m < o).mean()))
         if nothing is not None:
-            pick = rng.permutation(len(nothing))
+            pick = nothing_rng.permutation(len(nothing))
             head.set_samples({**shots_by_class, NOTHING: nothing[pick[:nothing_shots]]})
             head.set_nothing([NOTHING])
             sums["nothing_unknown_rate"].append(float((head.predict(nothing[pick[nothing_shots:]])[0] == -1).mean()))

@@ -1,0 +1,101 @@
+"""The head's figures in docs/head.md, on one embedding of the data (int8 model, LiteRT).
+
+  python benchmarks/head_eval.py [--cache DIR] [--trials 40]
+
+Prints markdown tables: head vs plain L2 nearest centroid at 1/3/5/10 shots with 2, 3 and all
+classes (also with bursts of 5 frames per shot); the unknown gate (known accuracy, unrelated
+photos, held-out classes, AUROC); a taught "nothing" class. Unknown photos are the odd half of
+calibration/imagenet-sample, the reference mean is rebuilt from the even half plus the registry
+photos (so it never saw the unknowns). --cache keeps the embeddings (per model hash) outside the
+repo so a rerun only redraws trials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from edge.engine import DEFAULT_MODEL, Embedder  # noqa: E402
+from edge.evaluate import Split, class_folders, embed_bursts, embed_files, run_trials  # noqa: E402
+from edge.head import Head, signed_sqrt  # noqa: E402
+from edge.image import IMAGE_SUFFIXES  # noqa: E402
+
+BURST = 5
+
+
+def embeddings(root: Path, cache: Path | None) -> dict:
+    engine = Embedder(DEFAULT_MODEL, threads=None)
+    path = cache / f"head_eval_{engine.model_id[:16]}.npz" if cache else None
+    if path and path.exists():
+        return dict(np.load(path))
+    out = {}
+    for split in ("train", "test"):
+        for c, files in class_folders(root / "clothing-small" / split).items():
+            out[f"{split}/{c}"] = embed_files(files, engine.embed)
+            if split == "train":
+                out[f"burst/{c}"] = embed_bursts(files, engine.embed, BURST)
+    photos = sorted(p for p in (root / "calibration" / "imagenet-sample").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    registry = sorted(p for p in (root / "calibration" / "registry-photos").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    base = np.vstack([embed_files(photos[0::2], engine.embed), embed_files(registry, engine.embed)])
+    out["mean"] = signed_sqrt(base).mean(axis=0)
+    out["unknown"] = embed_files(photos[1::2], engine.embed)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", type=Path)
+    ap.add_argument("--trials", type=int, default=40)
+    args = ap.parse_args()
+    root = Path(os.environ.get("EDGE_DATASETS", REPO.parent / "shared" / "datasets"))
+    e = embeddings(root, args.cache)
+    names = sorted(k.split("/")[1] for k in e if k.startswith("train/"))
+    train = Split({c: e[f"train/{c}"] for c in names})
+    bursts = Split({c: e[f"burst/{c}"][:, 0] for c in names}, {c: e[f"burst/{c}"] for c in names})
+    test = Split({c: e[f"test/{c}"] for c in names})
+    mean, unknown = e["mean"], e["unknown"]
+    head = lambda: Head(mean=mean)
+    run = lambda split=train, **kw: run_trials(split, test, trials=args.trials, head_factory=head, **kw)
+
+    for label, split in (("single photos", train), (f"bursts of {BURST} frames per shot", bursts)):
+        print(f"\nClosed-set accuracy, head vs plain L2 nearest centroid ({label}), {args.trials} trials:\n")
+        print("| shots | 2 classes | 3 classes | 10 classes |\n| --- | --- | --- | --- |")
+        for shots in (1, 3, 5, 10):
+            cells = []
+            for n in (2, 3, 0):
+                r = run(split, shots=shots, classes=n)
+                gain = 100 * (r["accuracy"] - r["baseline_accuracy"])
+                cells.append(f"{r['accuracy']:.3f} vs {r['baseline_accuracy']:.3f} ({gain:+.1f})")
+            print(f"| {shots} | " + " | ".join(cells) + " |")
+
+    print(f"\nUnknown gate (threshold auto), 10 shots, {args.trials} trials:\n")
+    print("| taught / held out | closed accuracy | known accuracy, gate on | unrelated photos unknown "
+          "| held-out photos unknown | AUROC known vs held-out |\n| --- | --- | --- | --- | --- | --- |")
+    for n, held in ((0, 0), (0, 2), (0, 5), (3, 2), (3, 7), (2, 0)):
+        r = run(shots=10, classes=n, holdout=held, unknown=unknown)
+        print(f"| {r['taught_classes']} / {held} | {r['accuracy']:.3f} | {r['known_accuracy']:.3f} "
+              f"({100 * (r['known_accuracy'] - r['accuracy']):+.1f}) | {r['unknown_rate']:.3f} | "
+              f"{r.get('holdout_unknown_rate', float('nan')):.3f} | {r.get('holdout_auroc', float('nan')):.3f} |")
+
+    print(f"\nA taught 'nothing' class (20 of the {len(unknown)} unrelated photos), 10 shots:\n")
+    print("| taught / held out | unrelated unknown without / with it | known accuracy without / with it "
+          "| held-out unknown without / with it |\n| --- | --- | --- | --- |")
+    for n, held in ((3, 2), (0, 2)):
+        r = run(shots=10, classes=n, holdout=held, unknown=unknown, nothing=unknown, nothing_shots=20)
+        print(f"| {r['taught_classes']} / {held} | {r['unknown_rate']:.3f} / {r['nothing_unknown_rate']:.3f} | "
+              f"{r['known_accuracy']:.3f} / {r['nothing_known_accuracy']:.3f} | "
+              f"{r['holdout_unknown_rate']:.3f} / {r['nothing_holdout_unknown_rate']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
