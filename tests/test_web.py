@@ -706,6 +706,8 @@ def test_a_phone_sized_screen_shows_every_control(daemons, browser, clothing):
     assert driver.execute_script("return document.documentElement.scrollWidth") <= width + 1, "no sideways scrolling"
     driver.execute_script("window.scrollTo(0, 0)")
     screenshot(driver, "web-phone.png")
+    driver.execute_script("document.getElementById('teach').scrollIntoView()")
+    screenshot(driver, "web-phone-teach.png")
 
 
 # --- Scratch -------------------------------------------------------------------------------------
