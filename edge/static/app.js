@@ -401,7 +401,7 @@ async function loadGallery(older = false) {
     del.className = "del-sample";
     del.title = "delete this picture";
     del.textContent = "✕";
-    del.onclick = async () => { const r2 = await act("sample/delete", { id: s.id }); if (r2.ok) t.remove(); };
+    del.onclick = async () => { const r2 = await act("sample/delete", { sample: s.id }); if (r2.ok) t.remove(); };
     t.append(img, del);
     group.querySelector(".thumbs").append(t);
     imgs.set(s.id, img);
