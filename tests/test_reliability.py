@@ -849,7 +849,8 @@ def test_invalid_config_files_give_one_line_and_exit_2_via_the_cli(tmp_path):
                 continue      # a mutation that happens to be valid
             invalid += 1
             lines = err.strip().splitlines()
-            good = (rc == 2 and len(lines) == 1 and lines[0].startswith(f"edge: error: {path.name}: ")
+            # every error on a line of its own (issue 10: all of them, in file order)
+            good = (rc == 2 and lines and all(x.startswith(f"edge: error: {path.name}: ") for x in lines)
                     and "Traceback" not in err and "hunter2-secret" not in err + out)
             if not good:
                 failures += 1
