@@ -17,6 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edge.camera import FolderCamera
@@ -62,27 +63,35 @@ def broker(tmp_path):
     b.stop()
 
 
+def _running_box(tmp_path, engine, broker, device_id, classes, camera=None, **config) -> RunningBox:
+    """A real box (model, store, MQTT link with the tests' login), built and not yet started;
+    `camera` is a folder of photos, or None for pictures over MQTT."""
+    source = {"source": "folder", "folder": str(camera), "fps": 10} if camera else {"source": "mqtt"}
+    cfg = parse_config(dict({
+        "device_id": device_id, "classes": [{"name": n} for n in classes], "function_button": None,
+        "status_led": None, "camera": source, "store": {"path": str(tmp_path / "store")},
+        "mqtt": {"enabled": True, "host": "127.0.0.1", "port": broker.port, "username": "box",
+                 "password": PASSWORD, "client_id": f"edge-{device_id}"},
+    }, **config), base=tmp_path)
+    commands = queue.Queue()
+    link = MqttLink(cfg.mqtt, cfg.device_id, commands.put, frame_source=camera is None)
+    return RunningBox(cfg, engine, link, FolderCamera(camera, 10) if camera else link.camera, commands)
+
+
+def _hats(tmp_path, clothing, n) -> Path:
+    """A camera folder showing n hat photos."""
+    shown = tmp_path / "camera"
+    shown.mkdir()
+    for p in list_images(clothing / "test" / "hat")[:n]:
+        shutil.copy(p, shown / p.name)
+    return shown
+
+
 @pytest.fixture
 def box(tmp_path, engine, clothing, broker):
     """A real box (model, store, MQTT link) named `scratchbox`, its camera showing hats."""
-    shown = tmp_path / "camera"
-    shown.mkdir()
-    for p in list_images(clothing / "test" / "hat")[:4]:
-        shutil.copy(p, shown / p.name)
-    cfg = parse_config({
-        "device_id": "scratchbox", "classes": [{"name": "A"}], "function_button": None,
-        "status_led": None, "camera": {"source": "folder", "folder": str(shown), "fps": 10},
-        "head": {"smoothing": 1}, "capture": {"rate": 30, "min_change": 0},
-        "store": {"path": str(tmp_path / "store")},
-        "mqtt": {"enabled": True, "host": "127.0.0.1", "port": broker.port, "username": "box",
-                 "password": PASSWORD, "client_id": "edge-scratchbox"},
-    }, base=tmp_path)
-    holder = {}
-    commands = queue.Queue()
-    link = MqttLink(cfg.mqtt, cfg.device_id, commands.put)
-    running = RunningBox(cfg, engine, link, FolderCamera(shown, 10), commands)
-    holder["box"] = running
-    running.start()
+    running = _running_box(tmp_path, engine, broker, "scratchbox", ["A"], _hats(tmp_path, clothing, 4),
+                           head={"smoothing": 1}, capture={"rate": 30, "min_change": 0}).start()
     yield running
     running.stop()
 
@@ -173,23 +182,7 @@ class NodeRed:
 @pytest.fixture
 def nodered_box(tmp_path, engine, clothing, broker):
     """A real box named edge-1 (the name in the docs' flow), its camera showing hats."""
-    shown = tmp_path / "camera"
-    shown.mkdir()
-    for p in list_images(clothing / "test" / "hat")[:3]:
-        shutil.copy(p, shown / p.name)
-    cfg = parse_config({
-        "device_id": "edge-1", "classes": [{"name": "hat"}, {"name": "shoes"}], "function_button": None,
-        "status_led": None, "camera": {"source": "folder", "folder": str(shown), "fps": 10},
-        "store": {"path": str(tmp_path / "store")},
-        "mqtt": {"enabled": True, "host": "127.0.0.1", "port": broker.port, "username": "box",
-                 "password": PASSWORD, "client_id": "edge-edge-1"},
-    }, base=tmp_path)
-    holder = {}
-    commands = queue.Queue()
-    link = MqttLink(cfg.mqtt, cfg.device_id, commands.put)
-    running = RunningBox(cfg, engine, link, FolderCamera(shown, 10), commands)
-    holder["box"] = running
-    running.start()
+    running = _running_box(tmp_path, engine, broker, "edge-1", ["hat", "shoes"], _hats(tmp_path, clothing, 3)).start()
     yield running
     running.stop()
 
@@ -373,21 +366,10 @@ def test_mqtt_camera_box_says_its_label_at_start_and_answers_each_picture_alone(
     """A fresh MQTT-camera box publishes `label` (retained, once) before any picture; with the
     default smoothing, a shoe photo after many hat photos is still answered "shoes"."""
     from edge.image import load_image
-    cfg = parse_config({
-        "device_id": "camerabox", "classes": [{"name": "hat"}, {"name": "shoes"}], "function_button": None,
-        "status_led": None, "camera": {"source": "mqtt"}, "store": {"path": str(tmp_path / "store")},
-        "mqtt": {"enabled": True, "host": "127.0.0.1", "port": broker.port, "username": "box",
-                 "password": PASSWORD, "client_id": "edge-camerabox"},
-    }, base=tmp_path)
-    assert cfg.head.smoothing > 1                       # the default smooths over 5 frames
+    running = _running_box(tmp_path, engine, broker, "camerabox", ["hat", "shoes"])
+    assert running.box.cfg.head.smoothing > 1           # the default smooths over 5 frames
     watcher = Watcher(broker, topics=("edge/camerabox/#",), username="scratch", password=PASSWORD)
-    holder = {}
-    commands = queue.Queue()
-    link = MqttLink(cfg.mqtt, cfg.device_id, commands.put, frame_source=True)
-    running = RunningBox(cfg, engine, link, link.camera, commands)
-    holder["box"] = running
-    vectors = {name: __import__("numpy").stack([engine.embed(load_image(p)) for p in
-                                                list_images(clothing / "train" / name)[:8]])
+    vectors = {name: np.stack([engine.embed(load_image(p)) for p in list_images(clothing / "train" / name)[:8]])
                for name in ("hat", "shoes")}
     with running.store.command():
         for name, v in vectors.items():
