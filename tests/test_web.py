@@ -474,16 +474,30 @@ def open_page(driver, daemon):
     wait_until(lambda: driver.find_elements("css selector", ".class"), 20, what="the class cards")
 
 
+def page_on_hats(daemons, browser, clothing, **options):
+    """A running box whose camera shows hats, and a browser on its page: (box, driver)."""
+    box = daemons(**options)
+    box.show(photos(clothing, "hat"))
+    box.start()
+    driver = browser()
+    open_page(driver, box)
+    return box, driver
+
+
+def teach(driver, cls, seconds, at_least, what=None):
+    """Hold the class's teach button; wait for at_least samples and the recording to stop."""
+    hold_teach(driver, cls, seconds)
+    wait_until(lambda: count_of(driver, cls) >= at_least, 15, what=what or f"samples of {cls}")
+    wait_until(lambda: driver.find_element("id", "recording").get_attribute("hidden") is not None, 10,
+               what="the recording to stop on release")
+
+
 def photos(clothing, kind, split="train", n=12):
     return sorted((clothing / split / kind).glob("*.jpg"))[:n]
 
 
 def test_live_picture_updates(daemons, browser, clothing):
-    box = daemons()
-    box.show(photos(clothing, "hat"))
-    box.start()
-    driver = browser()
-    open_page(driver, box)
+    box, driver = page_on_hats(daemons, browser, clothing)
     frames = lambda: int(driver.find_element("id", "picture").get_attribute("data-frames") or 0)  # noqa: E731
     first = wait_until(frames, 20, what="a first live picture")
     wait_until(lambda: frames() >= first + 5, 20, what="the live picture to keep updating")
@@ -492,16 +506,9 @@ def test_live_picture_updates(daemons, browser, clothing):
 
 
 def test_teach_two_classes_and_the_label_follows(daemons, browser, clothing):
-    box = daemons()
-    box.show(photos(clothing, "hat"))
-    box.start()
-    driver = browser()
-    open_page(driver, box)
+    box, driver = page_on_hats(daemons, browser, clothing)
     assert count_of(driver, "A") == 0
-    hold_teach(driver, "A", 1.2)
-    wait_until(lambda: count_of(driver, "A") >= 3, 15, what="samples of A")
-    wait_until(lambda: driver.find_element("id", "recording").get_attribute("hidden") is not None, 10,
-               what="the recording to stop on release")
+    teach(driver, "A", 1.2, 3)
     after_a = count_of(driver, "A")
     time.sleep(1.0)
     assert count_of(driver, "A") == after_a, "releasing the button stops teaching"
@@ -535,15 +542,8 @@ def test_teach_two_classes_and_the_label_follows(daemons, browser, clothing):
 
 def test_gallery_delete_is_gone_after_restart(daemons, browser, clothing):
     from selenium.common.exceptions import StaleElementReferenceException
-    box = daemons()
-    box.show(photos(clothing, "hat"))
-    box.start()
-    driver = browser()
-    open_page(driver, box)
-    hold_teach(driver, "A", 1.2)
-    wait_until(lambda: count_of(driver, "A") >= 3, 15, what="samples of A")
-    wait_until(lambda: driver.find_element("id", "recording").get_attribute("hidden") is not None, 10,
-               what="the recording to stop on release")
+    box, driver = page_on_hats(daemons, browser, clothing)
+    teach(driver, "A", 1.2, 3)
     thumb_ids = lambda: driver.execute_script(   # noqa: E731  (in one go: the gallery redraws itself)
         "return [...document.querySelectorAll('#gallery .thumb')].map((t) => Number(t.dataset.id))")
     wait_until(lambda: len(thumb_ids()) == count_of(driver, "A"), 15, what="the gallery to show every sample")
@@ -575,20 +575,14 @@ def test_gallery_delete_is_gone_after_restart(daemons, browser, clothing):
 
 
 def test_undo_classes_threshold_and_clear_from_the_page(daemons, browser, clothing):
-    box = daemons()
-    box.show(photos(clothing, "hat"))
-    box.start()
-    driver = browser()
-    open_page(driver, box)
+    box, driver = page_on_hats(daemons, browser, clothing)
     by_id = lambda i: driver.find_element("id", i)  # noqa: E731
     names = lambda: driver.execute_script(  # noqa: E731
         "return [...document.querySelectorAll('.class')].map((e) => e.dataset.cls)")
     card_button = lambda cls, css: driver.find_element(  # noqa: E731
         "css selector", f".class[data-cls='{cls}'] {css}")
 
-    hold_teach(driver, "A", 1.0)
-    wait_until(lambda: count_of(driver, "A") >= 2, 15, what="samples of A")
-    wait_until(lambda: by_id("recording").get_attribute("hidden") is not None, 10, what="the recording to stop")
+    teach(driver, "A", 1.0, 2)
     by_id("undo").click()
     wait_until(lambda: count_of(driver, "A") == 0, 10, what="undo to take the teaching back")
 
@@ -623,9 +617,7 @@ def test_undo_classes_threshold_and_clear_from_the_page(daemons, browser, clothi
     by_id("th-auto").click()
     wait_until(lambda: text(driver, "#th-value").endswith("(automatic)"), 10, what="the automatic threshold")
 
-    hold_teach(driver, "A", 1.0)
-    wait_until(lambda: count_of(driver, "A") >= 2, 15, what="samples of A again")
-    wait_until(lambda: by_id("recording").get_attribute("hidden") is not None, 10, what="the recording to stop")
+    teach(driver, "A", 1.0, 2, what="samples of A again")
     by_id("clear-all").click()
     wait_until(lambda: by_id("confirm").is_displayed(), 5, what="the confirmation")
     by_id("confirm-no").click()
@@ -644,15 +636,8 @@ def test_undo_classes_threshold_and_clear_from_the_page(daemons, browser, clothi
 
 
 def test_export_downloads_a_file_another_box_imports(daemons, browser, clothing):
-    box = daemons()
-    box.show(photos(clothing, "hat"))
-    box.start()
-    driver = browser()
-    open_page(driver, box)
-    hold_teach(driver, "A", 1.0)
-    wait_until(lambda: count_of(driver, "A") >= 2, 15, what="samples of A")
-    wait_until(lambda: driver.find_element("id", "recording").get_attribute("hidden") is not None, 10,
-               what="the recording to stop on release")
+    box, driver = page_on_hats(daemons, browser, clothing)
+    teach(driver, "A", 1.0, 2)
     taught = count_of(driver, "A")
     driver.find_element("id", "export").click()
     files = wait_until(lambda: [p for p in driver.downloads.iterdir() if p.suffix == ".edge"], 20,
@@ -666,11 +651,7 @@ def test_export_downloads_a_file_another_box_imports(daemons, browser, clothing)
 
 
 def test_a_wrong_pin_is_refused_and_changes_nothing(daemons, browser, clothing):
-    box = daemons(pin="2468")
-    box.show(photos(clothing, "hat"))
-    box.start()
-    driver = browser()
-    open_page(driver, box)
+    box, driver = page_on_hats(daemons, browser, clothing, pin="2468")
     wait_until(lambda: driver.find_element("id", "pin-bar").is_displayed(), 10, what="the PIN field")
     driver.find_element("id", "pin").send_keys("1357")
     driver.find_element("id", "pin-go").click()
