@@ -20,20 +20,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from edge.bench import median_ms  # noqa: E402
 from edge.engine import DEFAULT_MODEL, Embedder, load_reference  # noqa: E402
 from edge.head import Head  # noqa: E402
 from edge.image import list_images, load_image  # noqa: E402
 from head_reference import SvdHead  # noqa: E402
-
-
-def median_ms(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1000)
 
 
 def samples(rng, classes: int, per_class: int, dim: int) -> dict:
@@ -50,7 +41,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     root = Path(os.environ.get("EDGE_DATASETS", REPO.parent / "shared" / "datasets"))
     x = engine.prepare(load_image(list_images(root / "clothing-small" / "test" / "shoes")[0]))
-    invoke = median_ms(lambda: engine.invoke(x), args.runs * 2)
+    invoke = median_ms(lambda: engine.invoke(x), args.runs * 2, warmup=1)
     out = {"invoke_ms": round(invoke, 2)}
 
     data = samples(rng, 8, 200, engine.dim)
@@ -75,7 +66,7 @@ def main() -> None:
         head = Head(kind, mean=mean)
         head.set_samples(big)
         head.predict(frame)
-        ms = median_ms(lambda: (head.evaluate(frame), head.predict(frame)), args.runs * 4)
+        ms = median_ms(lambda: (head.evaluate(frame), head.predict(frame)), args.runs * 4, warmup=1)
         out[f"frame_{kind}_5000_ms"] = round(ms, 3)
         out[f"frame_{kind}_5000_over_invoke"] = round(ms / invoke, 4)
     print(json.dumps(out, indent=1))
