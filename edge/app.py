@@ -81,7 +81,6 @@ class Box:
         self.queue = commands
         self.stop_event = threading.Event()
         self.started = time.time()
-        self.wiring = {c.name: c for c in cfg.classes}   # config class name -> its pins
         self.faults: Dict[str, str] = {}
         self.smoother = Smoother(cfg.head.smoothing, cfg.head.hysteresis)
         self.recording: Optional[Recording] = None
@@ -122,6 +121,10 @@ class Box:
                 return code
         return None
 
+    def _info(self, name: Optional[str]):
+        """The store's ClassInfo of a class, or None."""
+        return next((c for c in self.store.classes() if c.name == name), None)
+
     def button_class(self, button: str) -> Optional[str]:
         """The current name of the class a config button is bound to (it follows renames)."""
         for c in self.store.classes():
@@ -153,34 +156,10 @@ class Box:
     # --- start: config and store agree -------------------------------------------------------
 
     def _reconcile(self) -> None:
-        """Bind each config button to its class (adding new ones), unbind buttons the config no
-        longer has, apply `nothing: true` from the config: one command, logged."""
+        """Bind the store's classes to the config's buttons (bind_to_config), as one command."""
         try:
             with self.store.command():
-                infos = self.store.classes()
-                bound = {c.button for c in infos if c.button is not None}
-                for c in infos:
-                    if c.button is not None and c.button not in self.wiring:
-                        self.store.bind_button(c.name, None)
-                        log.info("class %s has no button in the config any more; it stays, without "
-                                 "button or LED (remove it over MQTT or the web page)", c.name)
-                for name, wiring in self.wiring.items():
-                    if name in bound:
-                        continue
-                    same = [c for c in self.store.classes() if c.name.casefold() == name.casefold()]
-                    if same and same[0].button is None:
-                        self.store.bind_button(same[0].name, name)
-                    elif not same:
-                        if len(self.store.classes()) >= rules.MAX_CLASSES:
-                            log.error("class %s from the config does not fit: the box knows %d classes "
-                                      "already (remove one)", name, rules.MAX_CLASSES)
-                            continue
-                        self.store.add_class(name, button=name)
-                for name, wiring in self.wiring.items():
-                    cls = self.button_class(name)
-                    if cls is not None and getattr(wiring, "nothing", False):
-                        if not next(c for c in self.store.classes() if c.name == cls).nothing:
-                            self.store.set_nothing(cls, True)
+                bind_to_config(self.store, self.cfg.classes)
         except (StoreError, rules.RuleError) as exc:
             self._storage_fault(exc)
         extra = [c.name for c in self.store.classes() if c.button is None]
@@ -386,8 +365,7 @@ class Box:
 
     def _do_remove(self, cmd: C.RemoveClass, source):
         name = self._known(cmd.name)
-        info = next(c for c in self.store.classes() if c.name == name)
-        if info.button is not None:
+        if self._info(name).button is not None:
             raise CommandError(f"class {name!r} is in config.yaml (its button and LED); clear it instead, "
                                f"or remove it from the config")
         if self.recording is not None and self.recording.name == name:
@@ -412,8 +390,7 @@ class Box:
     def _do_samples(self, cmd: C.ListSamples, source):
         name = self._known(cmd.cls)
         rows = self.store.samples(name, limit=cmd.limit, before=cmd.before)
-        count = next(c.count for c in self.store.classes() if c.name == name)
-        return {"class": name, "count": count,
+        return {"class": name, "count": self._count(name),
                 "samples": [{"id": r.id, "ts": round(r.ts, 3), "source": r.source, "burst": r.burst,
                              "thumbnail": r.thumbnail} for r in rows]}
 
@@ -575,15 +552,15 @@ class Box:
     # --- changes to what the box knows -------------------------------------------------------
 
     def _count(self, name: str) -> int:
-        return next((c.count for c in self.store.classes() if c.name == name), 0)
+        info = self._info(name)
+        return info.count if info is not None else 0
 
     def _refit(self) -> None:
         """Give the head everything the store holds (after a change of classes)."""
         infos = self.store.classes()
         vectors = self.store.all_vectors()
         self.head.set_samples({c.name: vectors[c.name] for c in infos})
-        if hasattr(self.head, "set_nothing"):
-            self.head.set_nothing([c.name for c in infos if c.nothing])
+        self.head.set_nothing([c.name for c in infos if c.nothing])
         self.smoother.reset()
 
     def _class_changed(self, name: str) -> None:
@@ -684,16 +661,15 @@ class Box:
         return decision
 
     def _is_nothing(self, name: str) -> bool:
-        return any(c.name == name and c.nothing for c in self.store.classes())
+        info = self._info(name)
+        return info is not None and info.nothing
 
     # --- outputs -----------------------------------------------------------------------------
 
     def led_of(self, name: Optional[str]) -> Optional[str]:
         """The config name a class's LED is wired under (None: no LED, or a nothing class)."""
-        for c in self.store.classes():
-            if c.name == name and c.button is not None and not c.nothing:
-                return c.button
-        return None
+        info = self._info(name)
+        return info.button if info is not None and not info.nothing else None
 
     def _show(self, confidence: float = 1.0) -> None:
         if self.panel is None:
@@ -701,7 +677,8 @@ class Box:
         label = None if self.label == UNKNOWN_LABEL or self.recording else self.label
         recording = None
         if self.recording is not None:
-            recording = next((c.button for c in self.store.classes() if c.name == self.recording.name), None)
+            info = self._info(self.recording.name)
+            recording = info.button if info is not None else None
         self.panel.show(self.led_of(label), confidence, recording=recording)
 
     def _flash(self, names) -> None:
@@ -759,6 +736,34 @@ class Box:
                 log.exception("output %s failed", type(out).__name__)
 
 
+def bind_to_config(store: Store, classes) -> None:
+    """Inside a store command: give each config class (ClassConfig) its button, matching the
+    store's classes by name ignoring case and adding the ones the store lacks; unbind buttons the
+    config no longer has (those classes stay, without button or LED); apply `nothing: true`.
+    Used at every start and after an import, so both follow the same rule."""
+    wiring = {c.name: c for c in classes}
+    for c in store.classes():
+        if c.button is not None and c.button not in wiring:
+            store.bind_button(c.name, None)
+            log.info("class %s has no button in the config any more; it stays, without "
+                     "button or LED (remove it over MQTT or the web page)", c.name)
+    for name, config in wiring.items():
+        infos = store.classes()
+        mine = next((c for c in infos if c.button == name), None)
+        if mine is None:
+            same = next((c for c in infos if c.name.casefold() == name.casefold()), None)
+            if same is not None and same.button is None:
+                store.bind_button(same.name, name)
+                mine = same
+            elif same is None and len(infos) < rules.MAX_CLASSES:
+                store.add_class(name, button=name, nothing=config.nothing)
+            elif same is None:
+                log.error("class %s from the config does not fit: the box knows %d classes "
+                          "already (remove one)", name, rules.MAX_CLASSES)
+        if mine is not None and config.nothing and not mine.nothing:
+            store.set_nothing(mine.name, True)
+
+
 def import_file(store: Store, cfg, path: Path) -> str:
     """Replace what the store holds with an export file's content, checked whole first (the store
     is untouched when anything is refused). Classes the config has get their buttons back; the
@@ -766,21 +771,8 @@ def import_file(store: Store, cfg, path: Path) -> str:
     imported = store.read_export(path)
     with store.command():
         store.replace_with(imported)
-        infos = store.classes()
-        names = {c.name.casefold(): c.name for c in infos}
-        for c in infos:
-            if c.button is not None and c.button not in {w.name for w in cfg.classes}:
-                store.bind_button(c.name, None)
-        bound = {c.button for c in store.classes() if c.button is not None}
-        for wiring in cfg.classes:
-            if wiring.name in bound:
-                continue
-            name = names.get(wiring.name.casefold())
-            if name is not None and next(c for c in store.classes() if c.name == name).button is None:
-                store.bind_button(name, wiring.name)
-            elif name is None and len(store.classes()) < rules.MAX_CLASSES:
-                store.add_class(wiring.name, button=wiring.name)
-        infos = store.classes()
+        bind_to_config(store, cfg.classes)
+    infos = store.classes()
     total = sum(c.count for c in infos)
     loose = [c.name for c in infos if c.button is None]
     note = f"imported {total} samples in {sum(1 for c in infos if c.count)} classes"
