@@ -155,7 +155,6 @@ class MqttLink(Outputs):
         # (an MQTT-camera box may see no picture for a long time).
         self._retained: Dict[str, Tuple[bytes, int]] = {self.topic("label"): (b"unknown", 0)}
         self._state: Optional[dict] = None
-        self._label: Optional[str] = "unknown"
         # The largest message the broker may send us (MQTT 5): bigger ones never reach memory.
         self.max_packet = (FRAME_MAX_BYTES if frame_source else COMMAND_MAX_BYTES) + PACKET_SLACK
         self._interval = 1.0 / cfg.rate
@@ -241,8 +240,7 @@ class MqttLink(Outputs):
 
     def decision(self, d: Decision) -> None:
         try:
-            if d.changed or self._label is None:
-                self._label = d.label
+            if d.changed:      # "unknown" is retained from the start; the box says when it changes
                 self._publish(self.topic("label"), d.label, qos=0, retain=True)
             now = time.monotonic()
             if self.cfg.homeassistant:
