@@ -833,9 +833,9 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
             outputs.append(link)
         page = None
         if cfg.web.enabled:     # the web page (edge/web.py): its own thread; Requests in, Outputs back
-            from edge.web import WebServer, upload_limit
+            from edge.web import WebServer
             page = WebServer(cfg.web, commands.put, device_id=cfg.device_id,
-                             max_upload=upload_limit(engine.dim, cfg.capture.max_per_class))
+                             max_upload=store.import_limit())
             outputs.append(page)
         camera = link.camera if link is not None and link.camera is not None else \
             make_camera(cfg.camera, demo_folder=_demo_folder(), model_size=engine.size)

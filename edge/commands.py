@@ -35,6 +35,7 @@ class CommandInvalid(rules.RuleError):
 @dataclass(frozen=True)
 class Command:
     action: ClassVar[str] = ""
+    changes: ClassVar[bool] = True     # False: only reads (anyone may send it; no PIN on the web)
 
 
 @dataclass(frozen=True)
@@ -100,11 +101,13 @@ class SetNothing(Command):
 @dataclass(frozen=True)
 class State(Command):
     action: ClassVar[str] = "state"
+    changes: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
 class ListSamples(Command):
     action: ClassVar[str] = "samples"
+    changes: ClassVar[bool] = False
     cls: str
     limit: int = 50
     before: Optional[int] = None
@@ -125,12 +128,14 @@ class DeleteBurst(Command):
 @dataclass(frozen=True)
 class Thumbnails(Command):
     action: ClassVar[str] = "thumbnails"
+    changes: ClassVar[bool] = False
     ids: Tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class Hints(Command):
     action: ClassVar[str] = "hints"
+    changes: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)

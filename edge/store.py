@@ -526,6 +526,11 @@ class Store:
         return {"meta": 64 * 1024 + samples * 160, "vectors": 4096 + samples * self.dim * 4,
                 "thumbnails": samples * MAX_THUMBNAIL_BYTES}
 
+    def import_limit(self) -> int:
+        """The largest export file this store reads (its members' limits plus the zip's own
+        overhead): what an upload may be, too."""
+        return sum(self.limits().values()) + (1 << 20)
+
     def read_export(self, path: Path) -> Imported:
         """Read and check a whole export file without changing anything (StoreError to refuse).
 
@@ -1026,7 +1031,7 @@ class Store:
     def _read_export(self, path: Path) -> Imported:
         limits = self.limits()
         size = path.stat().st_size
-        if size > sum(limits.values()) + (1 << 20):
+        if size > self.import_limit():
             raise _Bad(f"it is too large ({size} bytes) for {rules.MAX_CLASSES} classes of "
                        f"{self.max_per_class} samples")
         try:

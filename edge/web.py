@@ -50,8 +50,6 @@ EDITOR_URL = "/scratch/editor/"
 MAX_EDITOR_FILES = 5000
 EXTENSION_URL = "/scratch/edge-box.js"
 WS_PLACEHOLDER = "__EDGE_DEFAULT_WS__"
-READ_ONLY = ("state", "samples", "thumbnails", "hints")
-"""Actions anyone may send; every other one is a change and needs the PIN when one is set."""
 MAX_WS_MESSAGE = 8192          # a command is a few dozen bytes
 MAX_CLIENTS = 32
 MAX_BACKLOG = 256              # JSON messages waiting for one slow browser before it is dropped
@@ -61,13 +59,6 @@ PIN_TRIES = 5                  # wrong PINs per address per PIN_WINDOW before it
 PIN_WINDOW = 60.0
 PIN_TRIES_ALL = 30             # wrong PINs from all addresses together per PIN_WINDOW
 PREVIEW_QUALITY = 70
-
-
-def upload_limit(dim: int, max_per_class: int) -> int:
-    """Bytes an uploaded export file may have: every class full of float32 vectors, plus room
-    for names, settings and the zip's own overhead. The store checks the content itself."""
-    from edge.rules import MAX_CLASSES
-    return MAX_CLASSES * max_per_class * dim * 4 + (4 << 20)
 
 
 class WebServer:
@@ -359,13 +350,13 @@ class WebServer:
         except CommandInvalid as exc:
             client.send_json(dict(result, error=str(exc)))
             return
-        if action not in READ_ONLY and not client.authorized:
+        if command.changes and not client.authorized:
             error = self._pin_ok(client.address, message.get("pin"))
             if error is not None:
                 client.send_json(dict(result, error=error))
                 return
             client.authorized = True
-        if action not in READ_ONLY:
+        if command.changes:
             log.info("web: %s %s from %s", action, message.get("body", {}), client.address)
         if isinstance(command, commands.StopRecording):
             client.recording = None
