@@ -26,6 +26,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from edge import transfer  # noqa: E402
 from edge.store import Store  # noqa: E402
 
 DIM = 1280
@@ -80,12 +81,12 @@ def speed(folder: Path) -> None:
     s.open()
     open_ms = (time.perf_counter() - t) * 1000
     t = time.perf_counter()
-    s.export(folder / "export.edge", thumbnails=True)
+    transfer.export(s, folder / "export.edge", thumbnails=True)
     export_ms = (time.perf_counter() - t) * 1000
     t = time.perf_counter()
-    imported = s.read_export(folder / "export.edge")
+    imported = transfer.read(s, folder / "export.edge")
     with s.command():
-        s.replace_with(imported)
+        transfer.apply(s, imported)
     import_ms = (time.perf_counter() - t) * 1000
     t = time.perf_counter()
     s.close()
@@ -96,7 +97,7 @@ def speed(folder: Path) -> None:
     print(f"all_vectors() of 8 x 200: cached {cached * 1000:.1f} µs, from the file {uncached:.2f} ms; "
           f"ratio {cached / uncached:.5f}")
     print(f"full store ({size / 1e6:.1f} MB): open {open_ms:.0f} ms, close {close_ms:.0f} ms, "
-          f"export with thumbnails {export_ms:.0f} ms, read + replace_with {import_ms:.0f} ms")
+          f"export with thumbnails {export_ms:.0f} ms, read + apply {import_ms:.0f} ms")
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from edge import __version__, commands as C, rules
+from edge import __version__, commands as C, rules, transfer
 from edge.commands import Decision, Outputs
 from edge.camera import Camera, Retrying
 from edge.engine import Embedder, ModelError, load_reference
@@ -432,7 +432,7 @@ class Box:
     def _do_export(self, cmd: C.Export, source):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "edge-export"
-            self.store.export(path, thumbnails=cmd.thumbnails)
+            transfer.export(self.store, path, thumbnails=cmd.thumbnails)
             return {"data": path.read_bytes()}
 
     def _do_import(self, cmd: C.Import, source):
@@ -768,9 +768,9 @@ def import_file(store: Store, cfg, path: Path) -> str:
     """Replace what the store holds with an export file's content, checked whole first (the store
     is untouched when anything is refused). Classes the config has get their buttons back; the
     others become classes without button or LED. Returns one line saying what happened."""
-    imported = store.read_export(path)
+    imported = transfer.read(store, path)
     with store.command():
-        store.replace_with(imported)
+        transfer.apply(store, imported)
         bind_to_config(store, cfg.classes)
     infos = store.classes()
     total = sum(c.count for c in infos)
@@ -835,7 +835,7 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
         if cfg.web.enabled:     # the web page (edge/web.py): its own thread; Requests in, Outputs back
             from edge.web import WebServer
             page = WebServer(cfg.web, commands.put, device_id=cfg.device_id,
-                             max_upload=store.import_limit())
+                             max_upload=transfer.import_limit(store))
             outputs.append(page)
         camera = link.camera if link is not None and link.camera is not None else \
             make_camera(cfg.camera, demo_folder=_demo_folder(), model_size=engine.size)

@@ -211,9 +211,10 @@ def _open_store(args):
 
 
 def cmd_export(args) -> int:
+    from edge import transfer
     cfg, store = _open_store(args)
     try:
-        store.export(Path(args.file), thumbnails=args.thumbnails)
+        transfer.export(store, Path(args.file), thumbnails=args.thumbnails)
         infos = store.classes()
     finally:
         store.close()

@@ -4,7 +4,7 @@ A thin layer over paho-mqtt 2.x (callback API v2). `connect_async` + `loop_start
 on paho's own thread, so a broker that is down at boot, or restarts later, only delays messages:
 paho reconnects with backoff and `on_connect` subscribes again and re-announces the retained
 topics. Commands are parsed and checked here, on paho's thread, then handed to the box's queue as
-`edge.app.Command`s; only the box's loop thread changes state. docs/mqtt.md is the contract.
+`edge.commands.Request`s; only the box's loop thread changes state. docs/mqtt.md is the contract.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class MqttLink(Outputs):
     RECONNECT_DELAY = (1, 30)     # seconds: first retry, longest wait (paho doubles in between)
     CLOSE_TIMEOUT = 2.0           # seconds to get "offline" out on a clean stop
 
-    def __init__(self, cfg, device_id: str, submit: Callable[[Command], None],
+    def __init__(self, cfg, device_id: str, submit: Callable[[commands.Request], None],
                  frame_source: bool = False, client_factory: Optional[Callable[[str], Any]] = None,
                  frame_size: int = 224):
         self.cfg = cfg

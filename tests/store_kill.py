@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge import rules
+from edge import rules, transfer
 from edge.store import Store
 
 MODEL = "a" * 64
@@ -64,10 +64,10 @@ def one_command(s: Store, rng: random.Random, dim: int, export: Path) -> None:
     elif roll < 0.90:
         s.set_setting("threshold", rng.choice(["auto", round(rng.uniform(-1, 1), 3)]))
     elif roll < 0.93:
-        s.export(export)
+        transfer.export(s, export)
     else:
         if export.exists():
-            s.replace_with(s.read_export(export))
+            transfer.apply(s, transfer.read(s, export))
 
 
 def trials(folder: Path, count: int, seed: int, dim: int = 64) -> dict:

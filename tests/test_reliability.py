@@ -38,7 +38,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from edge import commands as C
+from edge import commands as C, transfer
 from edge.image import list_images
 from edge.mqtt import COMMAND_MAX_BYTES, CommandInvalid
 from edge.store import Store
@@ -866,7 +866,7 @@ def _knowledge_bytes(tmp: Path, engine, names=("shoes",)) -> bytes:
     with Store(folder, engine.model_id, engine.dim) as s:
         for n in names:
             add(s, n, np.full((2, engine.dim), 0.5, np.float32))
-        s.export(folder / "out.edge")
+        transfer.export(s, folder / "out.edge")
     return (folder / "out.edge").read_bytes()
 
 

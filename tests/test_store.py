@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge import rules
+from edge import rules, transfer
 from edge import store as st
+from edge import store_db as sdb
 from edge.store import ClassInfo, NotFound, Store, StoreError, model_id
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,7 +69,7 @@ def filled(folder: Path, **kw) -> Store:
 
 def files(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != st.LOCK}
+            if p.is_file() and p.name != sdb.LOCK}
 
 
 # --- every operation ----------------------------------------------------------------------------
@@ -270,12 +271,12 @@ def test_bursts_undo_and_ids_survive_a_restart(tmp_path):
     with s.command():
         assert s.new_burst() == b + 1                  # monotonic across restarts
     with s.command():
-        s.replace_with(s.read_export(_export(s, tmp_path / "x.zip")))
+        transfer.apply(s, transfer.read(s, _export(s, tmp_path / "x.zip")))
     assert s.last_burst() is None                      # an import is not a burst to undo
 
 
 def _export(s: Store, path: Path, thumbnails: bool = False) -> Path:
-    s.export(path, thumbnails=thumbnails)
+    transfer.export(s, path, thumbnails=thumbnails)
     return path
 
 
@@ -333,7 +334,7 @@ def test_thumbnails_are_kept_only_when_on(tmp_path):
     with s.command():
         (i,) = s.add_samples("pen", rows(0, 1), "web", s.new_burst(), thumbnails=[JPEG])
     assert s.thumbnail(i) is None
-    for name in (st.DB, st.GOOD):                       # gone from the files too, not only unlinked
+    for name in (sdb.DB, sdb.GOOD):                       # gone from the files too, not only unlinked
         assert JPEG not in (tmp_path / "s" / name).read_bytes()
 
 
@@ -410,11 +411,12 @@ def test_a_full_disk_rolls_back_and_says_so_in_one_line(tmp_path):
     filled(folder).close()
     code = f"""
 import os, resource, signal, sys, numpy as np
+from edge import transfer
 from edge.store import Store, StoreError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 s = Store({str(folder)!r}, {MODEL!r}, {D})
 s.open()
-size = max(os.path.getsize(p) for p in [{str(folder / st.DB)!r}, {str(folder / st.DB)!r} + "-wal"] if os.path.exists(p))
+size = max(os.path.getsize(p) for p in [{str(folder / sdb.DB)!r}, {str(folder / sdb.DB)!r} + "-wal"] if os.path.exists(p))
 resource.setrlimit(resource.RLIMIT_FSIZE, (size + 4096, size + 4096))
 before = [c.count for c in s.classes()]
 message = "saved"
@@ -511,14 +513,14 @@ def test_a_damaged_database_is_set_aside_and_the_last_good_copy_used(tmp_path):
         s.add_class("later")
     good = state(s)
     s.close()                                           # a clean close saves the last good copy
-    data = bytearray((folder / st.DB).read_bytes())
+    data = bytearray((folder / sdb.DB).read_bytes())
     data[4096:8192] = os.urandom(4096)                  # damage a page
-    (folder / st.DB).write_bytes(bytes(data))
+    (folder / sdb.DB).write_bytes(bytes(data))
     s = opened(folder)
     assert state(s) == good
     assert any("kept aside" in f for f in s.faults) and any("last good copy" in f for f in s.faults)
     assert all("\n" not in f for f in s.faults)
-    aside = list((folder / st.ASIDE).glob("*/" + st.DB))
+    aside = list((folder / sdb.ASIDE).glob("*/" + sdb.DB))
     assert len(aside) == 1 and aside[0].read_bytes() == bytes(data)
     s.close()
     assert opened(folder).faults == []                  # repaired for good
@@ -543,7 +545,7 @@ def test_a_database_that_breaks_the_rules_is_set_aside(tmp_path, sql):
     s = filled(folder)
     good = state(s)
     s.close()
-    db = sqlite3.connect(folder / st.DB)
+    db = sqlite3.connect(folder / sdb.DB)
     db.executescript(sql)
     db.commit()
     db.close()
@@ -554,8 +556,8 @@ def test_a_database_that_breaks_the_rules_is_set_aside(tmp_path, sql):
 def test_a_bad_database_without_a_good_copy_starts_empty(tmp_path):
     folder = tmp_path / "s"
     filled(folder).close()
-    (folder / st.GOOD).unlink()
-    (folder / st.DB).write_bytes(b"this is not a database" * 100)
+    (folder / sdb.GOOD).unlink()
+    (folder / sdb.DB).write_bytes(b"this is not a database" * 100)
     s = opened(folder)
     assert s.classes() == [] and any("empty" in f for f in s.faults)
     with s.command():
@@ -565,11 +567,11 @@ def test_a_bad_database_without_a_good_copy_starts_empty(tmp_path):
 def test_a_bad_database_and_bad_good_copy_start_empty(tmp_path):
     folder = tmp_path / "s"
     filled(folder).close()
-    (folder / st.GOOD).write_bytes(b"junk" * 1000)
-    (folder / st.DB).write_bytes(b"junk" * 1000)
+    (folder / sdb.GOOD).write_bytes(b"junk" * 1000)
+    (folder / sdb.DB).write_bytes(b"junk" * 1000)
     s = opened(folder)
     assert s.classes() == [] and s.faults[-1] == "starting with an empty store"
-    assert len(list((folder / st.ASIDE).iterdir())) == 2
+    assert len(list((folder / sdb.ASIDE).iterdir())) == 2
 
 
 def test_another_models_store_is_set_aside(tmp_path):
@@ -577,14 +579,14 @@ def test_another_models_store_is_set_aside(tmp_path):
     filled(folder).close()
     s = opened(folder, model=OTHER)
     assert s.classes() == [] and any("was made with model aaaaaaaaaaaa" in f for f in s.faults)
-    assert len(list((folder / st.ASIDE).glob("*/" + st.DB))) == 2   # the db and its good copy
+    assert len(list((folder / sdb.ASIDE).glob("*/" + sdb.DB))) == 2   # the db and its good copy
 
 
 def test_a_newer_schema_is_refused_and_left_alone(tmp_path):
     folder = tmp_path / "s"
     filled(folder).close()
-    db = sqlite3.connect(folder / st.DB)
-    db.execute(f"PRAGMA user_version = {st.SCHEMA_VERSION + 1}")
+    db = sqlite3.connect(folder / sdb.DB)
+    db.execute(f"PRAGMA user_version = {sdb.SCHEMA_VERSION + 1}")
     db.close()
     before = files(folder)
     with pytest.raises(StoreError, match="newer edge"):
@@ -593,7 +595,7 @@ def test_a_newer_schema_is_refused_and_left_alone(tmp_path):
     s = Store(folder, MODEL, D)
     with pytest.raises(StoreError):
         s.open()
-    assert not s.is_open and not (folder / st.ASIDE).exists()
+    assert not s.is_open and not (folder / sdb.ASIDE).exists()
 
 
 @pytest.fixture
@@ -648,7 +650,7 @@ with s.command():
 os._exit(0)   # no close: the change is in the WAL only
 """
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert (folder / (st.DB + "-wal")).stat().st_size > 0
+    assert (folder / (sdb.DB + "-wal")).stat().st_size > 0
     ro = Store(read_only_mount(folder), MODEL, D)
     ro.open()
     assert ro.read_only and [(c.name, c.count) for c in ro.classes()] == [("cup", 2)]
@@ -676,10 +678,10 @@ def test_export_then_import_into_another_box(tmp_path):
     other = opened(tmp_path / "b")
     with other.command():
         other.add_class("old stuff")
-    imported = other.read_export(path)
+    imported = transfer.read(other, path)
     assert [c.name for c in other.classes()] == ["old stuff"]          # reading changes nothing
     with other.command():
-        other.replace_with(imported)
+        transfer.apply(other, imported)
     assert other.classes() == s.classes() and other.settings() == s.settings()
     assert {k: v.tolist() for k, v in other.all_vectors().items()} == {k: v.tolist() for k, v in s.all_vectors().items()}
     assert [x.ts for x in other.samples("cup")] == [x.ts for x in s.samples("cup")]
@@ -689,17 +691,19 @@ def test_export_then_import_into_another_box(tmp_path):
         assert sorted(zf.namelist()) == ["meta.json", "vectors.npy"]
 
 
-def test_export_with_thumbnails_and_buttons_kept(tmp_path):
+def test_export_with_thumbnails_and_buttons(tmp_path):
     s = filled(tmp_path / "a")
+    with s.command():
+        s.bind_button("cup", "red")
     path = _export(s, tmp_path / "k.edge", thumbnails=True)
     other = opened(tmp_path / "b")
     with other.command():
-        other.replace_with(other.read_export(path), keep_buttons={"red": "CUP", "blue": "absent"})
-    assert [(c.name, c.button) for c in other.classes()] == [("cup", "red"), ("pen", None), ("floor", None)]
+        transfer.apply(other, transfer.read(other, path))
+    assert [(c.name, c.button) for c in other.classes()] == [("cup", "red"), ("pen", "pen"), ("floor", None)]
     assert [other.thumbnail(x.id) for x in other.samples("pen")] == [None, JPEG]
     off = opened(tmp_path / "c", thumbnails=False)
     with off.command():
-        off.replace_with(off.read_export(path))
+        transfer.apply(off, transfer.read(off, path))
     assert not any(x.thumbnail for x in off.samples("pen"))
 
 
@@ -707,17 +711,17 @@ def test_export_is_atomic_and_leaves_no_scratch(tmp_path):
     s = filled(tmp_path / "a")
     path = tmp_path / "k.edge"
     path.write_bytes(b"previous")
-    s.export(path)
+    transfer.export(s, path)
     assert zipfile.is_zipfile(path) and [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     with pytest.raises(StoreError, match="could not export"):
-        s.export(tmp_path / "missing" / "k.edge")
+        transfer.export(s, tmp_path / "missing" / "k.edge")
 
 
 def test_an_import_is_trimmed_to_this_boxs_cap(tmp_path):
     s = filled(tmp_path / "a")
     other = opened(tmp_path / "b", max_per_class=2)
     with other.command():
-        other.replace_with(other.read_export(_export(s, tmp_path / "k.edge")))
+        transfer.apply(other, transfer.read(other, _export(s, tmp_path / "k.edge")))
     assert other.vectors("cup")[:, 0].tolist() == [1, 2]
 
 
@@ -738,7 +742,7 @@ def test_a_version_1_export_is_imported_with_its_renames_as_bindings(tmp_path):
                       classes=(("mug", 3), ("pen", 2)))
     s = opened(tmp_path / "s")
     with s.command():
-        s.replace_with(s.read_export(path))
+        transfer.apply(s, transfer.read(s, path))
     assert s.classes() == [ClassInfo("mug", "cup", False, 3), ClassInfo("pen", "pen", False, 2),
                            ClassInfo("later", None, False, 0)]
     assert s.settings() == {"threshold": 0.5} and s.vectors("pen")[:, 0].tolist() == [10, 11]
@@ -764,7 +768,7 @@ def test_an_import_with_bad_settings_is_refused_whole(tmp_path, case):
     s = opened(tmp_path / "s")
     expected = state(s)
     with pytest.raises(StoreError) as e:
-        s.read_export(_v1_export(tmp_path, BAD_SETTINGS[case]))
+        transfer.read(s, _v1_export(tmp_path, BAD_SETTINGS[case]))
     assert str(e.value).startswith("cannot import ") and "\n" not in str(e.value)
     assert state(s) == expected
     s.close()
@@ -774,11 +778,11 @@ def test_an_import_with_bad_settings_is_refused_whole(tmp_path, case):
 def _v2(tmp_path: Path, change, extra_members=()) -> Path:
     """A version-2 export of a small store, its meta changed by `change(meta)`."""
     src = tmp_path / "v2src"
-    if not (src / st.DB).exists():
+    if not (src / sdb.DB).exists():
         filled(src).close()
     s = opened(src)
     good = tmp_path / "good.edge"
-    s.export(good, thumbnails=True)
+    transfer.export(s, good, thumbnails=True)
     s.close()
     with zipfile.ZipFile(good) as zf:
         members = {n: zf.read(n) for n in zf.namelist()}
@@ -829,14 +833,14 @@ def test_a_bad_export_is_refused_with_one_line_and_changes_nothing(tmp_path, cas
     s = filled(tmp_path / "s")
     before = state(s)
     with pytest.raises(StoreError) as e:
-        s.read_export(path)
+        transfer.read(s, path)
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert state(s) == before
 
 
 def test_the_unchanged_v2_archive_of_the_refusal_cases_is_accepted(tmp_path):
     s = opened(tmp_path / "s")
-    assert [c.name for c in s.read_export(_v2(tmp_path, lambda m: None)).classes] == ["cup", "pen", "floor"]
+    assert [c.name for c in transfer.read(s, _v2(tmp_path, lambda m: None)).classes] == ["cup", "pen", "floor"]
 
 
 @pytest.mark.parametrize("case", ["not a zip", "empty", "missing", "extra member", "unsafe member", "truncated"])
@@ -853,7 +857,7 @@ def test_broken_files_are_refused(tmp_path, case):
     elif case in ("extra member", "unsafe member"):
         path = _v2(tmp_path, lambda m: None, [("../evil" if case == "unsafe member" else "x.txt", b"x")])
     with pytest.raises(StoreError, match="cannot import"):
-        s.read_export(path)
+        transfer.read(s, path)
 
 
 def test_a_zip_bomb_is_refused_before_inflating(tmp_path):
@@ -873,15 +877,16 @@ def test_a_zip_bomb_is_refused_before_inflating(tmp_path):
                 member.write(zero)
     assert path.stat().st_size < 600_000
     with pytest.raises(StoreError, match="too large"):
-        s.read_export(path)
+        transfer.read(s, path)
     code = f"""
 import resource
+from edge import transfer
 from edge.store import Store, StoreError
 s = Store({str(tmp_path / 'child')!r}, {MODEL!r}, 1280)
 s.open()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
-    s.read_export({str(path)!r})
+    transfer.read(s, {str(path)!r})
 except StoreError as e:
     print(str(e))
 print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -910,12 +915,12 @@ def test_a_member_that_lies_about_its_size_is_cut_at_the_limit(tmp_path):
     data = data.replace(real.to_bytes(4, "little"), fake)                  # local and central header
     path.write_bytes(bytes(data))
     with pytest.raises(StoreError, match="cannot import"):
-        s.read_export(path)
+        transfer.read(s, path)
 
 
 def test_import_limits_follow_classes_cap_and_dim(tmp_path):
     s = opened(tmp_path / "s", dim=1280, max_per_class=200)
-    assert s.limits()["vectors"] == 4096 + rules.MAX_CLASSES * 200 * 1280 * 4
+    assert transfer.limits(s)[transfer.VECTORS] == 4096 + rules.MAX_CLASSES * 200 * 1280 * 4
 
 
 # --- migration from the old format ----------------------------------------------------------------
@@ -959,7 +964,7 @@ def test_an_old_store_is_migrated_with_nothing_lost(tmp_path, compact):
     bursts = {c.name: {x.burst for x in s.samples(c.name)} for c in s.classes() if c.count}
     assert all(len(b) == 1 for b in bursts.values()) and len(set.union(*bursts.values())) == 3
     assert not any((folder / n).exists() for n in ("knowledge.npz", "journal.bin", "knowledge.bak.npz"))
-    (kept,) = (folder / st.ASIDE).glob("*-migrated")
+    (kept,) = (folder / sdb.ASIDE).glob("*-migrated")
     assert {n: (kept / n).read_bytes() for n in old_files} == old_files
     s.close()
     s = opened(folder)
@@ -995,6 +1000,7 @@ def test_a_full_disk_at_the_first_start_reads_the_old_store_into_memory(tmp_path
     before = files(folder)
     code = f"""
 import json, resource, signal
+from edge import transfer
 from edge.store import Store
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
@@ -1019,7 +1025,7 @@ def test_an_old_store_of_another_model_is_kept_aside(tmp_path):
     _old_store(folder)
     s = opened(folder, model=OTHER)
     assert s.classes() == [] and "other-model" in s.faults[0]
-    assert len(list((folder / st.ASIDE).glob("*-other-model/knowledge.npz"))) == 1
+    assert len(list((folder / sdb.ASIDE).glob("*-other-model/knowledge.npz"))) == 1
 
 
 def test_a_crash_during_migration_is_redone(tmp_path):
@@ -1030,7 +1036,7 @@ def test_a_crash_during_migration_is_redone(tmp_path):
     assert {n: v[:, 0].tolist() for n, v in s.all_vectors().items() if len(v)} == expected
     s.close()
     # the migration committed but the old files were not yet moved: they are moved now
-    shutil_copy = (folder / st.ASIDE)
+    shutil_copy = (folder / sdb.ASIDE)
     (kept,) = shutil_copy.glob("*-migrated")
     for f in kept.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())

@@ -418,6 +418,7 @@ def test_under_the_units_umask_the_store_and_exports_are_not_world_readable(tmp_
 import os, sys
 import numpy as np
 from pathlib import Path
+from edge import transfer
 from edge.store import Store
 os.umask(0o027)
 folder = Path(sys.argv[1])
@@ -425,7 +426,7 @@ with Store(folder / "store", "a" * 64, 8) as s:
     with s.command():
         s.add_class("A")
         s.add_samples("A", np.ones((2, 8), np.float32), "button", s.new_burst())
-    s.export(folder / "out.edge")
+    transfer.export(s, folder / "out.edge")
 """
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)
     made = [p for p in tmp_path.rglob("*")]
