@@ -22,6 +22,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pg
 # A frame larger than this is refused before decoding (a decompression bomb). 40 Mpx is far above
 # any Pi camera mode we ask for and far below what would exhaust a Pi Zero's memory.
 MAX_PIXELS = 40_000_000
+# What a frame may take once decoded, after the reduction its format allows (a JPEG's DCT scaling,
+# an 8-bit PNG's strips): a WebP, GIF, BMP, 16-bit or interlaced PNG, or a long thin picture is
+# decoded (nearly) whole, at 4 to 15 bytes a pixel. 4 Mpx keeps that under ~60 MiB.
+MAX_DECODED_PIXELS = 4_000_000
+# A progressive JPEG keeps every DCT coefficient of the whole picture while it decodes, whatever
+# the scale (about 3 bytes a pixel): 16 Mpx is a 12 Mpx phone photo with room to spare.
+MAX_PROGRESSIVE_PIXELS = 16_000_000
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -81,14 +88,24 @@ def reduction(width: int, height: int, min_side: int) -> int:
 def _decode_reduced(img: Image.Image, min_side: int) -> Image.Image:
     """The opened image decoded and reduced (see load_image); RGB unless it needs no reduction."""
     factor = reduction(img.width, img.height, min_side)
+    size = f"{img.width}x{img.height}"
+    if -(-img.width // factor) * -(-img.height // factor) > MAX_DECODED_PIXELS:
+        raise ImageError(f"image too long and thin to use ({size})")
     if factor > 1 and img.format == "PNG":
         reduced = _png_reduced(img, factor)
         if reduced is not None:
             return reduced
-    if factor > 1 and img.format == "JPEG":
-        # draft picks the smallest DCT scale whose result is still at least the requested size.
-        img.draft("RGB", (-(-img.width // factor), -(-img.height // factor)))
-        factor = reduction(img.width, img.height, min_side)
+    if img.format == "JPEG":
+        if img.info.get("progressive") and img.width * img.height > MAX_PROGRESSIVE_PIXELS:
+            raise ImageError(f"progressive JPEG too large ({size}, at most {MAX_PROGRESSIVE_PIXELS // 10**6} Mpx)")
+        if factor > 1:
+            # draft picks the smallest DCT scale whose result is still at least the requested size.
+            img.draft("RGB", (-(-img.width // factor), -(-img.height // factor)))
+            factor = reduction(img.width, img.height, min_side)
+    if img.width * img.height > MAX_DECODED_PIXELS:
+        kind = "16-bit or interlaced PNG" if img.format == "PNG" else str(img.format)
+        raise ImageError(f"{kind} too large to decode ({size}, at most {MAX_DECODED_PIXELS // 10**6} Mpx; "
+                         f"JPEG and 8-bit PNG up to {MAX_PIXELS // 10**6} Mpx)")
     img.load()
     if factor == 1:
         return img

@@ -194,3 +194,70 @@ def test_a_damaged_large_png_is_a_one_line_error_on_the_strip_path(clothing):
         with pytest.raises(ImageError) as err:
             load_image(io.BytesIO(damaged), min_side=224)
         assert "\n" not in str(err.value)
+
+
+HOSTILE_PROBE = """
+import io, struct, sys, zlib, numpy as np
+from PIL import Image
+kind = sys.argv[1]
+ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+
+def chunk(k, body):
+    return struct.pack(">I", len(body)) + k + body + struct.pack(">I", zlib.crc32(k + body))
+
+def png(w, h, depth=8, interlace=0):   # RGB, written a row at a time (never whole in memory)
+    c, out = zlib.compressobj(9), []
+    passes = [((w - x + dx - 1) // dx, (h - y + dy - 1) // dy) for x, y, dx, dy in ADAM7] if interlace else [(w, h)]
+    for pw, ph in passes:
+        row = bytes(1 + pw * 3 * depth // 8)
+        out += [c.compress(row) for _ in range(ph)]
+    out.append(c.flush())
+    return (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, 2, 0, 0, interlace))
+            + chunk(b"IDAT", b"".join(out)) + chunk(b"IEND", b""))
+
+def photo(w, h, fmt, **kw):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (h // 8, w // 8, 3), np.uint8)).resize(
+        (w, h)).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+data = {"progressive": lambda: photo(6320, 6320, "JPEG", progressive=True, quality=30),
+        "progressive 16 Mpx": lambda: photo(4000, 4000, "JPEG", progressive=True, quality=30),
+        "webp": lambda: photo(6320, 6320, "WEBP", quality=10),
+        "webp 4 Mpx": lambda: photo(2000, 2000, "WEBP", quality=10),
+        "interlaced png": lambda: png(6320, 6320, interlace=1),
+        "interlaced png 4 Mpx": lambda: png(2000, 2000, interlace=1),
+        "16-bit png": lambda: png(6320, 6320, depth=16),
+        "long thin png": lambda: png(450, 80000),
+        "long thin jpeg": lambda: photo(300, 60000, "JPEG", quality=30)}[kind]()
+from edge.image import ImageError, load_image
+status = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]) // 1024
+open('/proc/self/clear_refs', 'w').write('5')      # reset the peak (VmHWM) to now
+start = status('VmRSS')
+try:
+    result = "size %dx%d" % load_image(io.BytesIO(data), 224).size
+except ImageError as e:
+    result = "refused " + str(e)
+print(status('VmHWM') - start)
+print(result)
+"""
+# What a hostile picture may add to the daemon's memory while it is decoded: the daemon runs at
+# about 75-95 MiB and must stay within 200 MiB (issue 9, fault 6).
+HOSTILE_DECODE_MIB = 100
+
+
+@pytest.mark.parametrize("kind, accepted", [
+    ("progressive", False), ("progressive 16 Mpx", True), ("webp", False), ("webp 4 Mpx", True),
+    ("interlaced png", False), ("interlaced png 4 Mpx", True), ("16-bit png", False),
+    ("long thin png", False), ("long thin jpeg", False)])
+def test_pictures_that_cannot_be_decoded_reduced_are_bounded(kind, accepted):
+    """Formats decoded (nearly) whole, a progressive JPEG's coefficients, a long thin picture:
+    each within the pixel limit, each once cost the daemon 120-620 MiB. Now refused in one line
+    above their own limit, and within HOSTILE_DECODE_MIB at it."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", HOSTILE_PROBE, kind], check=True, capture_output=True,
+                         text=True, timeout=300).stdout.splitlines()
+    peak, result = int(out[0]), out[1]
+    assert result.startswith("size" if accepted else "refused"), result
+    assert peak <= HOSTILE_DECODE_MIB, (kind, peak)
