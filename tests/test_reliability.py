@@ -43,7 +43,7 @@ from edge.image import list_images
 from edge.mqtt import COMMAND_MAX_BYTES, CommandInvalid
 from edge.store import Store
 import legacy_store_v1
-from faults_daemon import REPO, EdgeDaemon, count, daemon_config, wait_until
+from faults_daemon import REPO, count, daemon_config, wait_until
 from test_box import wait_for
 from mqtt_broker import MOSQUITTO, MOSQUITTO_PASSWD, Broker, Watcher, free_port, mosquitto_available
 
@@ -780,6 +780,113 @@ def test_hostile_frames_are_refused_within_a_memory_bound(tmp_path, broker, watc
     assert recovered["frame"] >= 1
     assert hwm <= FRAME_RSS_BOUND_MIB, f"peak RSS {hwm} MiB"
     assert "Traceback" not in log, log[-3000:]
+
+
+def _raw_png(w: int, h: int, depth: int = 8, interlace: int = 0) -> bytes:
+    """An all-black RGB PNG written a row at a time (the test never holds it decoded)."""
+    import struct
+    import zlib
+    adam7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+    passes = [((w - x + dx - 1) // dx, (h - y + dy - 1) // dy) for x, y, dx, dy in adam7] if interlace else [(w, h)]
+    c, body = zlib.compressobj(9), []
+    for pw, ph in passes:
+        row = bytes(1 + pw * 3 * depth // 8)
+        body += [c.compress(row) for _ in range(ph)]
+    body.append(c.flush())
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, 2, 0, 0, interlace))
+            + chunk(b"IDAT", b"".join(body)) + chunk(b"IEND", b""))
+
+
+def _big_jpeg(photo: Path, size, **kw) -> bytes:
+    """A real photo scaled up to `size` with sensor-like noise (so it does not compress to nothing)."""
+    rng = np.random.default_rng(3)
+    img = Image.open(photo).convert("RGB").resize(size)
+    noisy = np.asarray(img, np.int16) + rng.integers(-12, 13, (size[1], size[0], 1), np.int16)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_huge_pictures_and_messages_over_mqtt_stay_within_the_memory_bound(tmp_path, broker, watchers, daemons,
+                                                                         clothing):
+    """Issue 9, fault 6, through the running daemon: a 6320x6320 PNG (once 455 MiB), pictures
+    that cannot be decoded reduced, and a 200 MiB message on a broker without max_packet_size
+    (once 679 MiB). Each is answered (a prediction, or an error event) or, too big for the box's
+    MQTT maximum packet size, never delivered; peak RSS stays within FRAME_RSS_BOUND_MIB."""
+    daemon = daemons(daemon_config(tmp_path, broker.port, PREFIX))
+    w = watchers(broker, topics=(f"{PREFIX}/status", f"{PREFIX}/prediction", f"{PREFIX}/event",
+                                 f"{PREFIX}/cmd/result"))
+    mark = w.mark()
+    daemon.start()
+    online_after(w, mark)
+    hat = list_images(clothing / "test" / "hat")[0]
+    hwm_start = daemon.kib("VmHWM") // 1024
+    pictures = {"png 6320x6320": (_raw_png(6320, 6320), True),
+                "png 6320x6320 16-bit": (_raw_png(6320, 6320, depth=16), False),
+                "png 6320x6320 interlaced": (_raw_png(6320, 6320, interlace=1), False),
+                "progressive jpeg 5000x5000": (_big_jpeg(hat, (5000, 5000), progressive=True, quality=40), False),
+                "jpeg 4000x3000": (_big_jpeg(hat, (4000, 3000), quality=90), True)}
+    answers, peaks = {}, {}
+    for name, (data, valid) in pictures.items():
+        m = w.mark()
+        w.publish(f"{PREFIX}/camera/frame", data)
+        answer = w.wait(f"{PREFIX}/prediction" if valid else f"{PREFIX}/event", after=m, timeout=60)
+        answers[name] = (len(data), answer.topic.rsplit("/", 1)[1])
+        peaks[name] = daemon.kib("VmHWM") // 1024
+    # 200 MiB on the frame and the command topic, from a client of its own (the watcher does not
+    # subscribe to them, so only the broker and the box could be hurt by it).
+    sender = Watcher(broker, topics=(f"{PREFIX}/nothing-here",))
+    try:
+        for topic in (f"{PREFIX}/camera/frame", f"{PREFIX}/cmd/state"):
+            sender.client.publish(topic, bytes(200 << 20), qos=0).wait_for_publish(timeout=120)
+    finally:
+        sender.close()
+    m = w.mark()
+    w.publish(f"{PREFIX}/cmd/state", b"{}")
+    w.wait(f"{PREFIX}/cmd/result", after=m, timeout=30)                  # still answering commands
+    m = w.mark()
+    w.publish(f"{PREFIX}/camera/frame", hat.read_bytes())
+    w.wait(f"{PREFIX}/prediction", after=m, timeout=30)                  # and pictures
+    hwm = daemon.kib("VmHWM") // 1024
+    alive = daemon.alive
+    daemon.stop()
+    log = daemon.log()
+    report("memory_mqtt", len(pictures) + 2, int(not alive) + int(hwm > FRAME_RSS_BOUND_MIB),
+           rss_at_start_mib=hwm_start, peak_rss_mib=hwm, bound_mib=FRAME_RSS_BOUND_MIB,
+           **{k.replace(" ", "_"): v for k, v in peaks.items()})
+    assert alive and "Traceback" not in log, log[-3000:]
+    assert all(topic == ("prediction" if pictures[k][1] else "event") for k, (_, topic) in answers.items()), answers
+    assert hwm <= FRAME_RSS_BOUND_MIB, (hwm, peaks)
+
+
+def test_a_folder_of_phone_photos_stays_within_the_memory_bound(tmp_path, broker, watchers, daemons, clothing):
+    """Issue 9, fault 6: a folder camera on 4000x3000 phone photos once kept ~900 MiB of decoded
+    frames. Two passes over 24 of them, peak RSS within FRAME_RSS_BOUND_MIB."""
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    photos = [p for c in ("hat", "shoes") for p in list_images(clothing / "test" / c)[:12]]
+    for i, photo in enumerate(photos):
+        (camera / f"{i:02d}.jpg").write_bytes(_big_jpeg(photo, (4000, 3000), quality=92))
+    size_mib = sum(p.stat().st_size for p in camera.iterdir()) / 2**20
+    daemon = daemons(daemon_config(tmp_path, broker.port, PREFIX, source="folder", camera_folder=camera))
+    w = watchers(broker, topics=(f"{PREFIX}/status", f"{PREFIX}/prediction"))
+    mark = w.mark()
+    daemon.start()
+    start = online_after(w, mark)
+    hwm_start = daemon.kib("VmHWM") // 1024
+    wait_until(lambda: sum(m.topic == f"{PREFIX}/prediction" for m in w.messages[start:]) >= 2 * len(photos),
+               timeout=180, what="two passes over the folder")
+    hwm = daemon.kib("VmHWM") // 1024
+    alive = daemon.alive
+    daemon.stop()
+    log = daemon.log()
+    report("memory_folder", len(photos), int(not alive) + int(hwm > FRAME_RSS_BOUND_MIB),
+           photos_mib=round(size_mib), rss_at_start_mib=hwm_start, peak_rss_mib=hwm, bound_mib=FRAME_RSS_BOUND_MIB)
+    assert alive and "Traceback" not in log, log[-3000:]
+    assert hwm <= FRAME_RSS_BOUND_MIB, hwm
 
 
 # --- configs and imports through the real CLI -----------------------------------------------------
