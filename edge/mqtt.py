@@ -321,8 +321,10 @@ class MqttLink(Outputs):
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         try:
             if reason_code.is_failure:
+                hint = ("the broker does not speak MQTT 5: use mosquitto 1.6 or newer"
+                        if "protocol" in str(reason_code).lower() else "check mqtt.username and the password")
                 self._warn_once(f"MQTT: broker {self.cfg.host}:{self.cfg.port} refused the connection: "
-                                f"{reason_code} (check mqtt.username and the password)")
+                                f"{reason_code} ({hint})")
                 return
             v5 = getattr(client, "protocol", None) == MQTTProtocolVersion.MQTTv5
             subscriptions = [(self.topic("cmd/#"), 1)]
