@@ -59,8 +59,12 @@ class Rig:
                       pin_factory=self.factory)
         self.box = Box(self.cfg, self.engine, self.store, FolderCamera(self.cam, fps=30), panel, commands,
                        outputs=[self])
+        self.attach(self.box)
         self.thread = threading.Thread(target=self.box.run, daemon=True)
         self.thread.start()
+
+    def attach(self, box):
+        """Called with each new box before it runs (tests/test_sim.py adds the terminal here)."""
 
     def stop(self):
         self.box.stop()
