@@ -112,3 +112,37 @@ def test_eval_open_set_figures(clothing, calibration):
     assert len(r["per_class"]) == 10  # every class is trained in some trial
     assert r["unknown_rate"] > 0.5  # landscapes and wallpapers are not clothes
     assert r["known_accuracy"] <= r["accuracy"] + 1e-9  # the gate can only cost known accuracy
+
+
+def _snapshot(folder):
+    import hashlib
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_reference_without_out_writes_into_the_current_folder_never_models(calibration, tmp_path):
+    """`edge reference DIR` once overwrote the shipped model's reference mean: without --out it
+    writes into the current folder, refuses to overwrite a file there, and refuses models/."""
+    from edge.engine import DEFAULT_MODEL, MODELS_DIR, reference_path
+    before = _snapshot(MODELS_DIR)
+
+    def reference(cwd):
+        return subprocess.run([sys.executable, "-m", "edge", "reference", str(calibration / "registry-photos")],
+                              capture_output=True, text=True, timeout=300, cwd=cwd)
+
+    out = reference(tmp_path)
+    assert out.returncode == 0, out.stderr
+    written = tmp_path / reference_path(DEFAULT_MODEL).name
+    assert f"wrote {written} from " in out.stdout and str(reference_path(DEFAULT_MODEL)) in out.stdout
+    mean = np.load(written)
+    assert mean.shape == (1280,) and mean.dtype == np.float32 and np.isfinite(mean).all()
+    assert list(tmp_path.iterdir()) == [written]
+    assert _snapshot(MODELS_DIR) == before
+
+    kept = written.read_bytes()
+    again = reference(tmp_path)                 # never overwrites without being asked
+    assert again.returncode == 1 and "exists already" in again.stderr and "--out" in again.stderr
+    assert again.stderr.strip().count("\n") == 0 and written.read_bytes() == kept   # one line, no model loaded
+    inside = reference(MODELS_DIR)              # run from models/ itself: refused before any work
+    assert inside.returncode == 1 and "is in models/" in inside.stderr, inside.stderr
+    assert _snapshot(MODELS_DIR) == before
