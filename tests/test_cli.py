@@ -146,3 +146,22 @@ def test_reference_without_out_writes_into_the_current_folder_never_models(calib
     inside = reference(MODELS_DIR)              # run from models/ itself: refused before any work
     assert inside.returncode == 1 and "is in models/" in inside.stderr, inside.stderr
     assert _snapshot(MODELS_DIR) == before
+
+
+def test_check_config_prints_every_error_one_line_each_in_file_order(tmp_path):
+    """Six bad settings in five sections, not in the order the config is read: six lines, in the
+    order of the file, each with the real prefix, exit 2, and nothing on stdout."""
+    config = tmp_path / "box.yaml"
+    config.write_text("web:\n  port: 0\n"
+                      "camera:\n  fps: fast\n"
+                      "classes:\n  - name: A\n    button: GPIO99\n  - name: unknown\n"
+                      "colour: blue\n"
+                      "model:\n  kernels: quick\n")
+    out = edge("check-config", config)
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert [line.split(": ")[3] for line in lines] == [
+        "web.port", "camera.fps", "classes[0].button", "classes[1].name", "unknown key 'colour' (known",
+        "model.kernels"], lines
+    assert all(line.startswith("edge: error: box.yaml: ") for line in lines), lines
+    assert lines[1] == "edge: error: box.yaml: camera.fps: expected a number > 0, got 'fast'"
