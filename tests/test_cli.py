@@ -10,6 +10,14 @@ import pytest
 
 from edge.cli import main
 from edge.image import list_images
+from mqtt_broker import wait_until
+
+
+def wait_for(predicate, timeout) -> bool:
+    try:
+        return bool(wait_until(predicate, timeout, 0.1))
+    except AssertionError:
+        return False
 
 
 def edge(*args, timeout=300):
@@ -165,3 +173,40 @@ def test_check_config_prints_every_error_one_line_each_in_file_order(tmp_path):
         "model.kernels"], lines
     assert all(line.startswith("edge: error: box.yaml: ") for line in lines), lines
     assert lines[1] == "edge: error: box.yaml: camera.fps: expected a number > 0, got 'fast'"
+
+
+def test_export_and_import_while_the_box_runs_say_how_to_stop_it(daemons, clothing, tmp_path):
+    """The running daemon holds the store's lock: `edge export` / `edge import` refuse in one line
+    that says how to stop it, and write nothing; with the daemon stopped both work."""
+    from faults_daemon import daemon_config
+    config = daemon_config(tmp_path / "box", 1, "edge/cli", source="folder",
+                           camera_folder=clothing / "test" / "hat", mqtt={"enabled": False})
+    exported = tmp_path / "knowledge.edge"
+
+    def running():
+        daemon = daemons(config).start()
+        assert wait_for(lambda: "camera folder, classes shoes, hat" in daemon.log() or not daemon.alive, 60)
+        assert daemon.alive, daemon.log()
+        return daemon
+
+    def refused(*args):
+        out = edge(*args, "--config", config)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1 and out.stdout == "", out
+        assert lines[-1].startswith("edge: error: store ") and "in use by another edge process" in lines[-1]
+        assert lines[-1].endswith("(is the box running? stop it first: sudo systemctl stop edge)"), lines
+        assert "Traceback" not in out.stderr
+
+    daemon = running()
+    refused("export", exported)
+    assert not exported.exists()
+    assert daemon.stop() == 0
+    out = edge("export", exported, "--config", config)
+    assert out.returncode == 0 and exported.is_file(), out.stderr
+
+    daemon = running()
+    refused("import", exported)
+    assert "imported" not in daemon.log()
+    assert daemon.stop() == 0
+    out = edge("import", exported, "--config", config)
+    assert out.returncode == 0 and out.stdout.startswith("imported 0 samples"), out
