@@ -67,7 +67,8 @@ class Terminal:
                         c["samples"] = event["samples"]
             return
         note = {
-            "burst_undone": lambda e: f"undo: forgot the last {e['removed']} pictures of {e['class']}",
+            "burst_undone": lambda e: f"undo: forgot the last {e['removed']} "
+                                      f"picture{'' if e['removed'] == 1 else 's'} of {e['class']}",
             "class_cleared": lambda e: f"cleared {e['class']}: it has no pictures now",
             "all_cleared": lambda e: "cleared all classes: the box knows nothing now",
             "class_renamed": lambda e: f"renamed {e['from']} to {e['to']}",
@@ -81,8 +82,9 @@ class Terminal:
         """The keys, wrapped to the terminal's width."""
         n = len(self.panel.buttons)
         hold = self.box.gestures.clear_all_hold
-        keys = "1" if n == 1 else f"1..{n}"
-        text = (f"simulated box. Keys: {keys} press/release a class button (pressed: records), "
+        keys = "no class buttons" if n == 0 else \
+            f"{'1' if n == 1 else f'1..{n}'} press/release a class button (pressed: records)"
+        text = (f"simulated box. Keys: {keys}, "
                 f"f press/release the function button (tap: undo; with a class key: clear that "
                 f"class; held {hold:g}s alone: clear all), s hold the picture still / play on, "
                 f"n/p next/previous scene, or picture while still, q quit.")
