@@ -101,17 +101,18 @@ class Terminal:
         """The status line: each class (key, name, samples, REC, LED), what the box sees, the
         function button with the clear-all countdown, the camera, the status LED. Fitted to
         `width` columns: a steady status LED is left out first, then long names are shortened,
-        then the camera is left out; what is still too long is cut."""
+        then the camera, then what the box sees (never the countdown); what is still too long is cut."""
         width = width or self._width()
         keys = {name: i + 1 for i, name in enumerate(self.panel.buttons)}
         with self._lock:
             classes = [dict(c) for c in self._classes]
             recording, fault = self._recording, self._fault
-        sees = [f"sees {self._label}"]
+        function = []
         gestures, now = self.box.gestures, time.monotonic()
         if gestures.held_for(now) is not None:
             left = gestures.clear_all_in(now)
-            sees.append(f"f: clear all in {math.ceil(left)}s" if left else "f held")
+            function = [f"f: clear all in {math.ceil(left)}s" if left else "f held"]
+        sees = [f"sees {self._label}"] + function
         camera = [f"cam {self._camera()}"]
         status = []
         if self.panel.status is not None:
@@ -119,7 +120,7 @@ class Terminal:
         kept = status if fault else []      # a fault stays on the line; steady "ok" may go
         for limit, tail in ((32, sees + camera + status), (32, sees + camera + kept),
                             (12, sees + camera + kept), (8, sees + camera + kept),
-                            (8, sees + kept), (5, sees + kept), (3, sees + kept)):
+                            (8, sees + kept), (5, sees + kept), (3, sees + kept), (3, function + kept)):
             cells = " ".join(self._cell(c, keys, recording, limit) for c in classes) or "starting"
             text = " | ".join([cells, *tail])
             if len(text) < width:

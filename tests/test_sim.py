@@ -160,3 +160,8 @@ def test_the_line_fits_80_columns_and_shortens_names_first(sim):
     wide = t.line(200)
     assert "[1 a very long class name here 0" in wide and "status #" in wide
     assert all(len(row) < 80 for row in t.help().splitlines())
+    t.key("f")
+    assert wait_for(lambda: "clear all in" in t.line(80), 5)
+    narrow = t.line(60)                         # narrower still: the countdown stays
+    t.key("f")
+    assert len(narrow) < 60 and re.search(r" \| f: clear all in \ds$", narrow), narrow
