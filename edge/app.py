@@ -138,7 +138,7 @@ class Box:
         return {
             "mode": "recording" if self.recording else "classifying",
             "recording": self.recording.name if self.recording else None,
-            "classes": [{"name": c.name, "samples": c.count, "nothing": c.nothing, "button": c.button is not None,
+            "classes": [{"name": c.name, "samples": c.count, "nothing": c.nothing, "button": c.button,
                          "led": self.led_of(c.name) is not None,
                          **({"threshold": round(float(thresholds[c.name]), 4)} if c.name in thresholds else {})}
                         for c in infos],
@@ -854,6 +854,7 @@ def serve(cfg, simulate: Optional[bool] = None, terminal: bool = False) -> int:
         if terminal:
             from edge.sim import Terminal
             sim = Terminal(box, panel, camera)
+            box.outputs.append(sim)     # before run(): it listens like the web page does
             sim.start()
             stack.callback(sim.close)
 

@@ -63,7 +63,8 @@ class FolderCamera(Camera):
 
     The folder is listed again for every frame, so a demo or a test changes what the camera
     "sees" by changing the folder's contents. A folder of folders is a set of scenes: the camera
-    shows one scene at a time and `next_scene()` moves on (the simulator's keys do).
+    shows one scene at a time and `next_scene()` moves on (the simulator's keys do). `still`
+    holds the picture shown last (a photo held up to the camera); `step_picture()` moves it on.
     Images are decoded reduced to near `model_size` (a folder of 4000x3000 phone photos costs
     a few hundred kB per picture, not 36 MB), and the cache of decoded frames is bounded in bytes.
     """
@@ -76,7 +77,11 @@ class FolderCamera(Camera):
         self.pacer = Pacer(fps)
         self.model_size = model_size
         self.scene = 0
-        self._index = 0
+        self.still = False              # True: show the same picture until stepped or resumed
+        self.shown: Optional[Path] = None   # the picture read last
+        self.shown_at = (0, 0)          # its place in its folder: (number from 1, pictures there)
+        self._index = 0                 # position of the next picture in the current folder
+        self._last = 0                  # position of the picture read last
         self._cache: dict = {}
         self._cached_bytes = 0
 
@@ -100,6 +105,19 @@ class FolderCamera(Camera):
         self.scene = (self.scene + step) % len(scenes)
         return scenes[self.scene].name
 
+    def set_still(self, still: bool) -> None:
+        """Hold the picture shown last (True), or play the folder on from the held one (False)."""
+        if still and not self.still:
+            self._index = self._last
+        elif self.still and not still:
+            self._index += 1
+        self.still = still
+
+    def step_picture(self, step: int = 1) -> None:
+        """Hold the next (or, step -1, previous) picture still; steps add up between frames."""
+        self.set_still(True)
+        self._index += step
+
     def current_folder(self) -> Path:
         scenes = self.scenes()
         return scenes[self.scene % len(scenes)] if scenes else self.folder
@@ -113,8 +131,11 @@ class FolderCamera(Camera):
             raise CameraError(f"camera folder unreadable: {exc}") from None
         if not files:
             raise CameraError(f"no images in camera folder {folder}")
-        path = files[self._index % len(files)]
-        self._index += 1
+        position = self._index
+        path = files[position % len(files)]
+        self._last, self.shown, self.shown_at = position, path, (position % len(files) + 1, len(files))
+        if not self.still:
+            self._index = position + 1
         try:
             stat = path.stat()
             key = (path, stat.st_mtime_ns, stat.st_size)

@@ -108,17 +108,16 @@ def cmd_eval(args) -> int:
 
 def cmd_reference(args) -> int:
     """Write the model's reference mean embedding from a broad set of everyday photos."""
-    from edge.engine import MODELS_DIR, reference_path
+    from edge.engine import DEFAULT_MODEL, MODELS_DIR, reference_path
     from edge.evaluate import embed_files
     from edge.head import signed_sqrt
     from edge.image import IMAGE_SUFFIXES
-    engine = _embedder(args)
     files = []
     for folder in args.folders:
         files += sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) < 50:
         raise UserError(f"found {len(files)} photos; a reference mean needs at least 50 varied photos")
-    beside = reference_path(engine.path)
+    beside = reference_path(Path(args.model or DEFAULT_MODEL))
     if args.out:
         out = Path(args.out)
     else:
@@ -127,6 +126,7 @@ def cmd_reference(args) -> int:
         if _inside(out, MODELS_DIR) or out.exists():
             raise UserError(f"{out} {'is in models/' if _inside(out, MODELS_DIR) else 'exists already'}; "
                             f"choose where to write with --out FILE")
+    engine = _embedder(args)        # after the checks: a refusal costs no model load
     mean = signed_sqrt(embed_files(files, engine.embed)).mean(axis=0).astype(np.float32)
     np.save(out, mean)
     print(f"wrote {out} from {len(files)} photos")

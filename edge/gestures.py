@@ -67,5 +67,12 @@ class Gestures:
         return []
 
     def held_for(self, now: float) -> Optional[float]:
-        """Seconds the function button has been held (for the simulator's countdown), or None."""
+        """Seconds the function button has been held (the simulator shows it), or None."""
         return None if self.function_down is None else now - self.function_down
+
+    def clear_all_in(self, now: float) -> Optional[float]:
+        """Seconds until the function button held alone clears everything (the simulator's
+        countdown); None when it is not held, or a clear already used this hold."""
+        if self.function_down is None or self._function_used:
+            return None
+        return max(0.0, self.function_down + self.clear_all_hold - now)

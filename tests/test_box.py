@@ -59,8 +59,12 @@ class Rig:
                       pin_factory=self.factory)
         self.box = Box(self.cfg, self.engine, self.store, FolderCamera(self.cam, fps=30), panel, commands,
                        outputs=[self])
+        self.attach(self.box)
         self.thread = threading.Thread(target=self.box.run, daemon=True)
         self.thread.start()
+
+    def attach(self, box):
+        """Called with each new box before it runs (tests/test_sim.py adds the terminal here)."""
 
     def stop(self):
         self.box.stop()
@@ -283,7 +287,8 @@ def test_storage_fault_keeps_the_box_running(rig, clothing, monkeypatch):
     rig.pin("GPIO22").drive_low()  # record B: every write fails
     assert wait_for(lambda: rig.box.fault == "storage", 10)
     rig.pin("GPIO22").drive_high()
-    assert any(e["event"] == "error" and e["source"] == "storage" for e in rig.events)
+    # the loop sets the fault, then tells its outputs: wait for the event, it may be a moment behind
+    assert wait_for(lambda: any(e["event"] == "error" and e["source"] == "storage" for e in rig.events), 5)
     assert rig.counts() == before and rig.thread.is_alive()
     monkeypatch.setattr(Store, "add_samples", real)
     rig.teach("B", list_images(clothing / "train" / "hat"), 2)  # the card is back: learning resumes

@@ -34,6 +34,32 @@ def test_folder_of_folders_is_a_set_of_scenes(clothing):
     assert cam.read().shape[2] == 3
 
 
+def test_still_holds_one_picture_and_steps_on_request(tmp_path, clothing):
+    """The simulator's `s` and, while still, `n`/`p`: one picture held, stepped, then played on."""
+    hats = list_images(clothing / "test" / "hat")[:3]
+    for i, p in enumerate(hats):
+        shutil.copy(p, tmp_path / f"{i}{p.suffix}")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    cam = FolderCamera(tmp_path, fps=200)
+    cam.read()
+    cam.read()
+    assert cam.shown.name == names[1]
+    cam.set_still(True)
+    held = [cam.read() for _ in range(3)]
+    assert cam.shown.name == names[1] and all(np.array_equal(held[0], f) for f in held)
+    cam.step_picture(1)
+    cam.read()
+    assert cam.shown.name == names[2] and cam.still and cam.shown_at == (3, 3)
+    cam.step_picture(1)                 # past the end: round to the first
+    cam.read()
+    assert cam.shown.name == names[0]
+    cam.step_picture(-1)
+    cam.read()
+    assert cam.shown.name == names[2]
+    cam.set_still(False)                # play on from the held picture
+    assert [(cam.read(), cam.shown.name)[1] for _ in range(2)] == [names[0], names[1]]
+
+
 def test_broken_image_is_a_camera_error_not_a_crash(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"not a jpeg")
     cam = FolderCamera(tmp_path, fps=200)

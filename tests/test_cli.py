@@ -10,6 +10,14 @@ import pytest
 
 from edge.cli import main
 from edge.image import list_images
+from mqtt_broker import wait_until
+
+
+def wait_for(predicate, timeout) -> bool:
+    try:
+        return bool(wait_until(predicate, timeout, 0.1))
+    except AssertionError:
+        return False
 
 
 def edge(*args, timeout=300):
@@ -112,3 +120,93 @@ def test_eval_open_set_figures(clothing, calibration):
     assert len(r["per_class"]) == 10  # every class is trained in some trial
     assert r["unknown_rate"] > 0.5  # landscapes and wallpapers are not clothes
     assert r["known_accuracy"] <= r["accuracy"] + 1e-9  # the gate can only cost known accuracy
+
+
+def _snapshot(folder):
+    import hashlib
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_reference_without_out_writes_into_the_current_folder_never_models(calibration, tmp_path):
+    """`edge reference DIR` once overwrote the shipped model's reference mean: without --out it
+    writes into the current folder, refuses to overwrite a file there, and refuses models/."""
+    from edge.engine import DEFAULT_MODEL, MODELS_DIR, reference_path
+    before = _snapshot(MODELS_DIR)
+
+    def reference(cwd):
+        return subprocess.run([sys.executable, "-m", "edge", "reference", str(calibration / "registry-photos")],
+                              capture_output=True, text=True, timeout=300, cwd=cwd)
+
+    out = reference(tmp_path)
+    assert out.returncode == 0, out.stderr
+    written = tmp_path / reference_path(DEFAULT_MODEL).name
+    assert f"wrote {written} from " in out.stdout and str(reference_path(DEFAULT_MODEL)) in out.stdout
+    mean = np.load(written)
+    assert mean.shape == (1280,) and mean.dtype == np.float32 and np.isfinite(mean).all()
+    assert list(tmp_path.iterdir()) == [written]
+    assert _snapshot(MODELS_DIR) == before
+
+    kept = written.read_bytes()
+    again = reference(tmp_path)                 # never overwrites without being asked
+    assert again.returncode == 1 and "exists already" in again.stderr and "--out" in again.stderr
+    assert again.stderr.strip().count("\n") == 0 and written.read_bytes() == kept   # one line, no model loaded
+    inside = reference(MODELS_DIR)              # run from models/ itself: refused before any work
+    assert inside.returncode == 1 and "is in models/" in inside.stderr, inside.stderr
+    assert _snapshot(MODELS_DIR) == before
+
+
+def test_check_config_prints_every_error_one_line_each_in_file_order(tmp_path):
+    """Six bad settings in five sections, not in the order the config is read: six lines, in the
+    order of the file, each with the real prefix, exit 2, and nothing on stdout."""
+    config = tmp_path / "box.yaml"
+    config.write_text("web:\n  port: 0\n"
+                      "camera:\n  fps: fast\n"
+                      "classes:\n  - name: A\n    button: GPIO99\n  - name: unknown\n"
+                      "colour: blue\n"
+                      "model:\n  kernels: quick\n")
+    out = edge("check-config", config)
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert [line.split(": ")[3] for line in lines] == [
+        "web.port", "camera.fps", "classes[0].button", "classes[1].name", "unknown key 'colour' (known",
+        "model.kernels"], lines
+    assert all(line.startswith("edge: error: box.yaml: ") for line in lines), lines
+    assert lines[1] == "edge: error: box.yaml: camera.fps: expected a number > 0, got 'fast'"
+
+
+def test_export_and_import_while_the_box_runs_say_how_to_stop_it(daemons, clothing, tmp_path):
+    """The running daemon holds the store's lock: `edge export` / `edge import` refuse in one line
+    that says how to stop it, and write nothing; with the daemon stopped both work."""
+    from faults_daemon import daemon_config
+    config = daemon_config(tmp_path / "box", 1, "edge/cli", source="folder",
+                           camera_folder=clothing / "test" / "hat", mqtt={"enabled": False})
+    exported = tmp_path / "knowledge.edge"
+
+    def running():
+        daemon = daemons(config).start()
+        assert wait_for(lambda: "camera folder, classes shoes, hat" in daemon.log() or not daemon.alive, 60)
+        assert daemon.alive, daemon.log()
+        return daemon
+
+    def refused(*args):
+        out = edge(*args, "--config", config)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1 and out.stdout == "", out
+        assert lines[-1].startswith("edge: error: store ") and "in use by another edge process" in lines[-1]
+        assert lines[-1].endswith("(is the box running? stop it first: sudo systemctl stop edge)"), lines
+        assert "Traceback" not in out.stderr
+
+    daemon = running()
+    refused("export", exported)
+    assert not exported.exists()
+    assert daemon.stop() == 0
+    out = edge("export", exported, "--config", config)
+    assert out.returncode == 0 and exported.is_file(), out.stderr
+
+    daemon = running()
+    refused("import", exported)
+    assert "imported" not in daemon.log()
+    assert daemon.stop() == 0
+    out = edge("import", exported, "--config", config)
+    assert out.returncode == 0 and out.stdout.startswith("imported 0 samples"), out
