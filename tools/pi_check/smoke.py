@@ -260,7 +260,8 @@ def check_store(folder: Path, model_id: str, images: list, emb, mean, head: dict
     import numpy as np
 
     from edge.head import Head
-    from edge.store import DB, Store
+    from edge.store import Store
+    from edge.store_db import DB
 
     shutil.rmtree(folder, ignore_errors=True)
     dim = emb.shape[1]
