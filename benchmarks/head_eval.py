@@ -83,7 +83,8 @@ def main() -> None:
           "| held-out photos unknown | AUROC known vs held-out |\n| --- | --- | --- | --- | --- | --- |")
     for n, held, split, shots in ((0, 0, train, 10), (0, 2, train, 10), (0, 5, train, 10), (3, 2, train, 10),
                                   (3, 7, train, 10), (2, 0, train, 10), (2, 2, train, 10),
-                                  (3, 2, bursts, 10), (3, 2, bursts, 3), (0, 2, bursts, 10)):
+                                  (3, 2, bursts, 10), (3, 2, bursts, 3), (3, 2, bursts, 1), (3, 2, train, 1),
+                                  (0, 2, bursts, 10)):
         r = run(split, shots=shots, classes=n, holdout=held, unknown=unknown)
         kit = f", {shots} shots" if shots != 10 else ""
         kit += f", bursts of {BURST}" if split is bursts else ""
