@@ -29,9 +29,10 @@ SHRINK = 10.0
 # - like the class at all: gate cosine to the chosen centroid;
 # - more like it than like what the taught classes share: cosine after removing the mean of the
 #   class centroids ("relative" score).
-# Each threshold is set where a normal fit of the LOO scores puts GATE_BUDGET (RELATIVE_BUDGET)
-# of the samples below it. Chosen on clothing-small so that known accuracy drops 1.5-3 points at
-# 10 shots with 2 to 10 classes.
+# Each threshold is the lower prediction bound of a normal fit of the LOO scores that a share
+# GATE_BUDGET (RELATIVE_BUDGET) of new samples would fall below (Student-t, so that 20 scores of
+# 2 classes count for less than 100 of 10). Chosen on clothing-small so that known accuracy drops
+# 1.4-3 points at 10 shots with 2 to 10 classes (docs/head.md).
 GATE_BUDGET = 0.03
 RELATIVE_BUDGET = 0.03
 # Used until at least MIN_LOO leave-one-out similarities exist (classes of one sample, or of
@@ -178,13 +179,14 @@ class Head:
                "plain_weight": PLAIN_SAMPLES / (PLAIN_SAMPLES + (distinct if taught else len(z))),
                "nothing": ~real, "threshold": self._fixed_or(FALLBACK_THRESHOLD), "relative": None}
         if self.threshold_setting == "auto":
-            gate, rel = _loo_scores(taught, centroids[real], loo)
+            gate, rel, views = _loo_scores(taught, centroids[real], loo)
+            views = max(views, 2.0)
             if len(gate) >= MIN_LOO:
-                fit["threshold"] = _budget_threshold(gate, GATE_BUDGET)
+                fit["threshold"] = _budget_threshold(gate, GATE_BUDGET, views)
             if len(rel) >= MIN_LOO:
                 # compared as rel + offset >= threshold, so one threshold serves both tests
                 fit["relative"] = (centroids[real].mean(axis=0),
-                                   fit["threshold"] - _budget_threshold(rel, RELATIVE_BUDGET))
+                                   fit["threshold"] - _budget_threshold(rel, RELATIVE_BUDGET, views))
         return fit
 
     def _fixed_or(self, default: float) -> float:
@@ -335,8 +337,9 @@ def _loo_scores(groups, centroids, loo=None) -> tuple:
     centroid computed without them and without their near-duplicates; `centroids` are the unit
     class centroids of `groups`, `loo` their `_loo_rows`). A sample whose class is all its
     near-duplicates has no score: like a class of one sample, one view tells nothing of how far
-    new views go. The relative scores need two classes."""
-    gate, rel = [], []
+    new views go. The relative scores need two classes. Also returns how many distinct views
+    the scores stand for."""
+    gate, rel, views = [], [], 0.0
     n_classes = len(groups)
     shared = centroids.mean(axis=0) if n_classes else None
     loo = loo or [_loo_rows(g) for g in groups]
@@ -345,6 +348,7 @@ def _loo_scores(groups, centroids, loo=None) -> tuple:
         if not keep.any():
             continue
         rows, dup = rows[keep], dup[keep]
+        views += len(g) * float(np.mean(1.0 / dup.sum(axis=1))) * len(rows) / len(keep)
         own = l2_normalize(g.sum(axis=0, keepdims=True) - dup.astype(np.float32) @ g)
         g = g[rows]
         gate.append(np.sum(own * g, axis=1))
@@ -352,22 +356,31 @@ def _loo_scores(groups, centroids, loo=None) -> tuple:
             shared_i = shared + (own - centroids[c]) / n_classes
             rel.append(np.sum(l2_normalize(g - shared_i) * l2_normalize(own - shared_i), axis=1))
     cat = lambda v: np.concatenate(v) if v else np.zeros(0, np.float32)
-    return cat(gate), cat(rel)
+    return cat(gate), cat(rel), views
 
 
-def _budget_threshold(values: np.ndarray, budget: float) -> float:
-    """The score below which a share `budget` of new samples like `values` would fall, assuming
-    a normal spread: mean - z * std. A plain quantile cannot reach below the lowest of 20 LOO
-    values (5 %); the fitted spread can."""
+def _budget_threshold(values: np.ndarray, budget: float, n: Optional[float] = None) -> float:
+    """The score below which a share `budget` of *new* samples like `values` would fall: the
+    lower prediction bound of a normal fit, mean + t * std * sqrt(1 + 1/n), with t the Student-t
+    quantile for n - 1 degrees of freedom. With 20 scores (2 classes of 10) mean and spread are
+    themselves uncertain, and the plain normal quantile rejected 4.3 % of known photos for a
+    3 % budget (docs/head.md). n: how many independent samples the values stand for (distinct
+    views; default their count). A plain quantile cannot reach below the lowest of 20 values
+    (5 %); the fitted spread can."""
+    n = float(len(values) if n is None else n)
+    nu = max(n - 1.0, 1.0)
     z = NormalDist().inv_cdf(budget)
-    return float(values.mean() + z * values.std(ddof=1))
+    # Cornish-Fisher expansion of the t quantile (stdlib only): within 1 % of it for nu >= 5,
+    # less extreme below (-2.86 for -3.48 at nu = 3)
+    t = z + (z ** 3 + z) / (4 * nu) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * nu ** 2)
+    return float(values.mean() + t * values.std(ddof=1) * np.sqrt(1.0 + 1.0 / max(n, 1.0)))
 
 
 def auto_threshold(groups) -> float:
     """The "like the class at all" threshold alone, from groups of gate-view samples."""
     cents = l2_normalize(np.stack([g.mean(axis=0) for g in groups])) if groups else None
-    gate, _ = _loo_scores(groups, cents)
-    return _budget_threshold(gate, GATE_BUDGET) if len(gate) >= MIN_LOO else FALLBACK_THRESHOLD
+    gate, _, views = _loo_scores(groups, cents)
+    return _budget_threshold(gate, GATE_BUDGET, max(views, 2.0)) if len(gate) >= MIN_LOO else FALLBACK_THRESHOLD
 
 
 def plain_centroid_predict(train: Dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:

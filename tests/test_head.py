@@ -81,8 +81,8 @@ def test_auto_threshold_follows_the_spread_of_the_samples():
     rng = np.random.default_rng(3)
     c = np.abs(rng.standard_normal(64)) * 3
     mean = world_mean(rng)
-    # tight, but distinct views (gate cosines 0.75-0.94; near-duplicates are another test)
-    tight = [gate_features(blobs(rng, c, 20, 0.5), mean)]
+    # tight, but mostly distinct views (near-duplicates are another test)
+    tight = [gate_features(blobs(rng, c, 20, 0.8), mean)]
     loose = [gate_features(blobs(rng, c, 20, 1.5), mean)]
     assert auto_threshold(tight) > auto_threshold(loose)
     assert auto_threshold([gate_features(blobs(rng, c, 1), mean)]) == FALLBACK_THRESHOLD
@@ -124,6 +124,17 @@ def test_one_view_per_class_gets_the_fallback_threshold():
     head.set_samples({f"c{i}": bursts_of(rng, blobs(rng, np.abs(rng.standard_normal(64)) * 3, 1))
                       for i in range(3)})
     assert head.threshold == FALLBACK_THRESHOLD
+
+
+def test_threshold_is_a_prediction_bound_that_widens_with_few_scores():
+    """The same scores set a lower threshold when they stand for fewer samples (Student-t
+    prediction bound); t quantiles at 3 %: -2.150 for 9 and -2.000 for 19 degrees of freedom."""
+    from edge.head import _budget_threshold
+    values = np.random.default_rng(9).normal(0.5, 0.1, 200)
+    m, s = values.mean(), values.std(ddof=1)
+    for n, t in ((10, -2.150), (20, -2.000)):
+        assert _budget_threshold(values, 0.03, n) == pytest.approx(m + t * s * np.sqrt(1 + 1 / n), abs=0.002)
+    assert _budget_threshold(values, 0.03, 5) < _budget_threshold(values, 0.03, 20) < _budget_threshold(values, 0.03, 200)
 
 
 def test_empty_head_knows_nothing():
