@@ -49,6 +49,15 @@ MAX_FIT_ROWS = 256
 # views, not frames. Per class, up to MAX_LOO_ROWS evenly spaced samples are scored.
 DUPLICATE = 0.8
 MAX_LOO_ROWS = 64
+# k-NN per frame: one product over all stored samples reads samples x dim floats (26 MB at
+# 5,000 samples), which costs a third of an invoke here. Above KNN_EXACT_MAX samples, a frame
+# (up to KNN_FAST_ROWS rows at once) is first scored in a KNN_RANK-dim principal subspace of the
+# stored samples, and only the KNN_CANDIDATES best of each class are scored exactly; the k best
+# of those are the class's score (docs/head.md measures both paths).
+KNN_EXACT_MAX = 1024
+KNN_RANK = 192
+KNN_CANDIDATES = 16
+KNN_FAST_ROWS = 4
 # The choice blends the whitened cosine with the plain cosine of unit raw embeddings (the
 # baseline), the plain one weighted PLAIN_SAMPLES / (PLAIN_SAMPLES + samples): with few samples
 # the spread estimate is noise and the plain view decides; with many, the whitened one.
@@ -172,7 +181,7 @@ class Head:
         loo = [_loo_rows(g) for g in taught]
         distinct = sum(len(g) * float(np.mean(1.0 / d.sum(axis=1))) for g, (_, d) in zip(taught, loo))
         if self.kind == "knn":     # whitened samples of all classes in one matrix
-            choice = (np.vstack(choice), np.concatenate([[0], np.cumsum(sizes)]))
+            choice = _knn_index(choice)
         centroids = l2_normalize(means)
         fit = {"labels": labels, "centroids": centroids, "white": white, "choice": choice,
                "plain": l2_normalize(np.stack([self._plain[n] for n in labels])),
@@ -185,7 +194,8 @@ class Head:
                 fit["threshold"] = _budget_threshold(gate, GATE_BUDGET, views)
             if len(rel) >= MIN_LOO:
                 # compared as rel + offset >= threshold, so one threshold serves both tests
-                fit["relative"] = (centroids[real].mean(axis=0),
+                shared = centroids[real].mean(axis=0)
+                fit["relative"] = (shared, l2_normalize(centroids - shared),
                                    fit["threshold"] - _budget_threshold(rel, RELATIVE_BUDGET, views))
         return fit
 
@@ -215,14 +225,7 @@ class Head:
         w = fit["white"](g)
         if self.kind == "centroid":
             return w @ fit["choice"].T
-        stacked, bounds = fit["choice"]
-        sims = w @ stacked.T          # one product over all samples, then the k best per class
-        out = np.empty((len(w), len(bounds) - 1), dtype=np.float32)
-        for c in range(len(bounds) - 1):
-            part = sims[:, bounds[c]:bounds[c + 1]]
-            k = min(self.k, part.shape[1])
-            out[:, c] = np.partition(part, part.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
-        return out
+        return _knn_scores(fit["choice"], w, self.k)
 
     def evaluate(self, x: np.ndarray) -> tuple:
         """(choice scores (N, C), gate scores (N, C)) for raw embeddings x."""
@@ -243,8 +246,8 @@ class Head:
         cents = fit["centroids"]
         gate = g @ cents.T
         if fit["relative"] is not None:
-            shared, offset = fit["relative"]
-            rel = l2_normalize(g - shared) @ l2_normalize(cents - shared).T
+            shared, rel_cents, offset = fit["relative"]
+            rel = l2_normalize(g - shared) @ rel_cents.T
             gate = np.minimum(gate, rel + offset)
         return gate
 
@@ -268,6 +271,68 @@ class Head:
         """Best class per row, ignoring the unknown gate (closed-set accuracy)."""
         choice, _ = self.evaluate(x)
         return choice.argmax(axis=1) if choice.shape[1] else np.full(len(choice), -1)
+
+
+def _knn_index(groups) -> dict:
+    """The stored whitened samples in one matrix, with where each class's rows go in a padded
+    (classes x largest class) table; above KNN_EXACT_MAX rows also a KNN_RANK-dim principal basis
+    (from up to 512 evenly spaced rows, through their Gram matrix) and every row projected on it."""
+    sizes = np.array([len(g) for g in groups])
+    stacked = np.ascontiguousarray(np.vstack(groups), dtype=np.float32)
+    width = int(sizes.max())
+    owner = np.repeat(np.arange(len(groups)), sizes)
+    slot = owner * width + (np.arange(len(stacked)) - np.repeat(np.cumsum(sizes) - sizes, sizes))
+    index = {"stacked": stacked, "sizes": sizes, "width": width, "slot": slot, "basis": None,
+             "starts": (np.cumsum(sizes) - sizes)[None, :, None]}
+    if len(stacked) > KNN_EXACT_MAX:
+        sub = stacked[np.linspace(0, len(stacked) - 1, min(512, len(stacked))).astype(int)].astype(np.float64)
+        eig, u = np.linalg.eigh(sub @ sub.T)
+        top = np.argsort(eig)[::-1][:KNN_RANK]
+        top = top[eig[top] > eig.max() * 1e-9]
+        basis = ((u[:, top].T @ sub) / np.sqrt(eig[top])[:, None]).astype(np.float32)
+        index.update(basis=basis, projected=np.ascontiguousarray(stacked @ basis.T))
+    return index
+
+
+def _padded(values: np.ndarray, index: dict) -> np.ndarray:
+    """Per-sample values (rows x samples) as a (rows, classes, largest class) table, -inf where a
+    class has fewer samples."""
+    n_classes, width = len(index["sizes"]), index["width"]
+    table = np.full((len(values), n_classes * width), -np.inf, dtype=np.float32)
+    table[:, index["slot"]] = values
+    return table.reshape(len(values), n_classes, width)
+
+
+def _mean_of_best(table: np.ndarray, sizes: np.ndarray, k: int) -> np.ndarray:
+    """(rows, classes): mean of the min(k, size) largest entries of each class's row of table."""
+    kk = min(k, table.shape[2])
+    top = np.partition(table, table.shape[2] - kk, axis=2)[:, :, -kk:]
+    if sizes.min() >= kk:       # every class has k samples: no padding among the best
+        return top.mean(axis=2, dtype=np.float32)
+    best = -np.sort(-top, axis=2)
+    per_class = np.minimum(kk, sizes)
+    sums = np.cumsum(np.where(np.isfinite(best), best, 0.0), axis=2)
+    return (sums[:, np.arange(len(sizes)), per_class - 1] / per_class).astype(np.float32)
+
+
+def _knn_scores(index: dict, w: np.ndarray, k: int) -> np.ndarray:
+    """k-NN class scores of whitened unit rows w: exact with few samples or many rows at once;
+    else a coarse pass in the principal subspace picks KNN_CANDIDATES per class to score exactly."""
+    stacked, sizes = index["stacked"], index["sizes"]
+    if index["basis"] is None or len(w) > KNN_FAST_ROWS:
+        return _mean_of_best(_padded(w @ stacked.T, index), sizes, k)
+    coarse = _padded((w @ index["basis"].T) @ index["projected"].T, index)
+    cand = min(max(KNN_CANDIDATES, k), index["width"])
+    pick = np.argpartition(coarse, index["width"] - cand, axis=2)[:, :, -cand:]   # (rows, C, cand)
+    rows = index["starts"] + pick
+    if sizes.min() >= cand:
+        exact = np.stack([stacked[r.ravel()] @ q for r, q in zip(rows, w)]).reshape(pick.shape)
+    else:                       # a class smaller than `cand`: some picks are padding
+        valid = pick < sizes[None, :, None]
+        rows = np.where(valid, rows, 0)
+        exact = np.stack([stacked[r.ravel()] @ q for r, q in zip(rows, w)]).reshape(pick.shape)
+        exact = np.where(valid, exact, -np.inf).astype(np.float32)
+    return _mean_of_best(exact, sizes, k)
 
 
 def spread_residuals(z: np.ndarray, owner: np.ndarray, means: np.ndarray) -> np.ndarray:

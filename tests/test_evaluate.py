@@ -86,6 +86,24 @@ def test_a_big_class_does_not_win_by_count(kind, clothing_split, mean):
     assert recall["imbalanced"] >= recall["balanced"] - 0.05, recall
 
 
+def test_knn_frames_with_many_samples_decide_like_the_full_product(clothing, engine, clothing_split, mean):
+    """Over KNN_EXACT_MAX real samples (every training photo as 4 burst frames) a single frame
+    goes through the principal-subspace pass; its scores stay within 0.01 of the full product
+    and its choice is the same for every test photo."""
+    from edge.head import KNN_EXACT_MAX
+    train, test = clothing_split
+    samples = {c: embed_bursts(list_images(clothing / "train" / c), engine.embed, 4).reshape(-1, engine.dim)
+               for c in train.classes}
+    assert sum(len(v) for v in samples.values()) > KNN_EXACT_MAX
+    head = Head("knn", mean=mean)
+    head.set_samples(samples)
+    queries = np.vstack(list(test.classes.values()))
+    batch = head.evaluate(queries)[0]
+    frames = np.vstack([head.evaluate(q[np.newaxis])[0] for q in queries])
+    assert np.abs(frames - batch).max() < 0.01
+    assert np.array_equal(frames.argmax(axis=1), batch.argmax(axis=1))
+
+
 def test_trials_report_the_curve_auroc_kits_and_bursts(clothing, engine, clothing_split, registry, mean):
     train, test = clothing_split
     head = lambda: Head(mean=mean)

@@ -137,6 +137,35 @@ def test_threshold_is_a_prediction_bound_that_widens_with_few_scores():
     assert _budget_threshold(values, 0.03, 5) < _budget_threshold(values, 0.03, 20) < _budget_threshold(values, 0.03, 200)
 
 
+def test_knn_many_samples_one_frame_matches_the_full_product():
+    """Above KNN_EXACT_MAX samples a frame is scored through a principal subspace first; on data
+    that the subspace holds (here, 40 dimensions) it gives the full product's scores, also with
+    classes smaller than k and than the candidate count (padding), and batches stay exact."""
+    from edge.head import KNN_EXACT_MAX
+    rng = np.random.default_rng(11)
+    basis = rng.standard_normal((40, 256)).astype(np.float32)
+    sizes = [700, 400, 2, 9]      # > KNN_EXACT_MAX in all; one class below k = 3, one below 16
+    assert sum(sizes) > KNN_EXACT_MAX
+    samples = {f"c{i}": np.abs(rng.standard_normal((n, 40)) + 2 * i).astype(np.float32) @ basis
+               for i, n in enumerate(sizes)}
+    queries = np.vstack([v[:3] * 1.01 for v in samples.values()] + [samples["c0"][5:8] + samples["c3"][:3]])
+    head = Head("knn", k=3, threshold=-1.0)
+    head.set_samples(samples)
+    batch = head.evaluate(queries)[0]                       # many rows: the full product
+    frames = np.vstack([head.evaluate(q[np.newaxis])[0] for q in queries])
+    assert np.abs(frames - batch).max() < 1e-4
+    assert list(batch.argmax(axis=1)[:11]) == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3]   # c2 has 2 samples
+
+
+def test_knn_mean_of_best_counts_only_a_small_class_own_samples():
+    from edge.head import _knn_index, _knn_scores
+    groups = [l2_normalize(np.eye(4, dtype=np.float32)[[0, 0, 1]] + 0.1), l2_normalize(np.eye(4, dtype=np.float32)[[2]])]
+    w = l2_normalize(np.array([[1.0, 0.2, 0.1, 0.0]], np.float32))
+    got = _knn_scores(_knn_index(groups), w, 3)
+    want = [np.sort(g @ w[0])[::-1][:3].mean() for g in groups]
+    assert np.allclose(got[0], want)
+
+
 def test_empty_head_knows_nothing():
     head = Head()
     idx, sim = head.predict(np.ones((2, 8), np.float32))
