@@ -61,8 +61,8 @@ def test_never_worse_than_the_plain_nearest_centroid(shots, classes, clothing_sp
     assert gain >= -0.005, f"{shots} shots, {classes or 'all'} classes: {gain:+.3f}"
 
 
-@pytest.mark.xfail(strict=True, reason="target of issue 12 not reached: measured +0.6 points "
-                   "(5 seeds x 100 trials), +0.8 with this seed; see docs/head.md")
+@pytest.mark.xfail(strict=True, reason="target of issue 12 not reached: measured +0.70 points "
+                   "(3 seeds x 100 trials), +0.8 with this seed; see docs/head.md")
 def test_three_classes_at_ten_shots_gain_a_point(clothing_split, mean):
     train, test = clothing_split
     r = run_trials(train, test, shots=10, trials=40, classes=3, head_factory=lambda: Head(mean=mean))
