@@ -5,7 +5,8 @@ Two views of the same embeddings, each doing what it measures best here (see doc
   unit length. Cosine similarity to a class centroid in this view says whether a frame looks like
   that class at all; with "auto" a second test asks whether it is more like that class than like
   what all taught classes share. Both thresholds come from leave-one-out scores of the stored
-  samples, so they adapt to how tight the taught classes are.
+  samples (leaving out a sample's near-duplicates with it: frames of one burst), so they adapt
+  to how tight the taught classes are.
 - a *choice* view: the gate view whitened by the classes' own pooled within-class spread (shrunk
   towards the identity), blended with the plain cosine of the raw embeddings, the whitened part
   weighing more the more samples there are to estimate the spread from.
