@@ -84,9 +84,10 @@ def main() -> None:
     for n, held, split, shots in ((0, 0, train, 10), (0, 2, train, 10), (0, 5, train, 10), (3, 2, train, 10),
                                   (3, 7, train, 10), (2, 0, train, 10), (2, 2, train, 10),
                                   (3, 2, bursts, 10), (3, 2, bursts, 3), (3, 2, bursts, 1), (3, 2, train, 1),
+                                  (3, 2, train, 3), (2, 2, train, 3),
                                   (0, 2, bursts, 10)):
         r = run(split, shots=shots, classes=n, holdout=held, unknown=unknown)
-        kit = f", {shots} shots" if shots != 10 else ""
+        kit = f", {shots} shot{'s' if shots > 1 else ''}" if shots != 10 else ""
         kit += f", bursts of {BURST}" if split is bursts else ""
         print(f"| {r['taught_classes']} / {held}{kit} | {r['accuracy']:.3f} | {r['known_accuracy']:.3f} "
               f"({100 * (r['known_accuracy'] - r['accuracy']):+.1f}) | {r['unknown_rate']:.3f} | "
