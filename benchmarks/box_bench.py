@@ -1,7 +1,8 @@
 """Box benchmarks, reported as ratios measured in one run (see benchmarks/README.md).
 
   speed: frame to decision (preprocess + invoke + head + smoothing + LED update) / bare invoke(),
-         with all cores unless --threads, and head prediction with 5,000 stored samples / invoke().
+         with all cores unless --threads, and head prediction (centroid and knn) with 5,000 stored
+         samples / invoke().
   soak:  resident memory and threads of the real daemon (`edge run`, simulated pins, folder
          camera) sampled over a run of --minutes.
 """
@@ -73,19 +74,22 @@ def speed(runs: int, threads) -> dict:
                 box.process(engine.embed(frames[kind][i[0] % len(photos)]))
             return run
 
-        big = Head()
-        big.set_samples({f"c{k}": np.abs(rng.normal(0, 1, (500, engine.dim))).astype(np.float32)
-                         for k in range(10)})
+        stored = {f"c{k}": np.abs(rng.normal(0, 1, (500, engine.dim))).astype(np.float32) for k in range(10)}
+        big, big_knn = Head(), Head("knn")
+        big.set_samples(stored)
+        big_knn.set_samples(stored)
         t0 = time.perf_counter()
         big.evaluate(engine.invoke(x))  # fits once (after a change), then cached
         refit_ms = (time.perf_counter() - t0) * 1000
         vec = engine.invoke(x)
+        big_knn.evaluate(vec)
         ms = interleaved({"invoke_ms": lambda: engine.invoke(x),
                           "frame_to_decision_ms": frame_to_decision("source"),
                           "frame_640x480_to_decision_ms": frame_to_decision("640x480"),
                           "preprocess_ms": lambda: engine.prepare(frames["source"][i[0] % len(photos)]),
                           "decision_ms": lambda: box.process(vec),
-                          "head_5000_ms": lambda: big.evaluate(vec)}, runs, blocks=20)
+                          "head_5000_ms": lambda: big.evaluate(vec),
+                          "head_knn_5000_ms": lambda: big_knn.evaluate(vec)}, runs, blocks=20)
         panel.close()
         store.close()
     return {
@@ -96,6 +100,7 @@ def speed(runs: int, threads) -> dict:
         "frame_to_decision_over_invoke": round(ms["frame_to_decision_ms"] / ms["invoke_ms"], 3),
         "frame_640x480_to_decision_over_invoke": round(ms["frame_640x480_to_decision_ms"] / ms["invoke_ms"], 3),
         "head_5000_over_invoke": round(ms["head_5000_ms"] / ms["invoke_ms"], 4),
+        "head_knn_5000_over_invoke": round(ms["head_knn_5000_ms"] / ms["invoke_ms"], 4),
         "head_5000_refit_ms": round(refit_ms, 1),
     }
 

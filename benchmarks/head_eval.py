@@ -81,11 +81,36 @@ def main() -> None:
     print(f"\nUnknown gate (threshold auto), 10 shots, {args.trials} trials:\n")
     print("| taught / held out | closed accuracy | known accuracy, gate on | unrelated photos unknown "
           "| held-out photos unknown | AUROC known vs held-out |\n| --- | --- | --- | --- | --- | --- |")
-    for n, held in ((0, 0), (0, 2), (0, 5), (3, 2), (3, 7), (2, 0)):
-        r = run(shots=10, classes=n, holdout=held, unknown=unknown)
-        print(f"| {r['taught_classes']} / {held} | {r['accuracy']:.3f} | {r['known_accuracy']:.3f} "
+    for n, held, split, shots in ((0, 0, train, 10), (0, 2, train, 10), (0, 5, train, 10), (3, 2, train, 10),
+                                  (3, 7, train, 10), (2, 0, train, 10), (2, 2, train, 10),
+                                  (3, 2, bursts, 10), (3, 2, bursts, 3), (3, 2, bursts, 1), (3, 2, train, 1),
+                                  (3, 2, train, 3), (2, 2, train, 3),
+                                  (0, 2, bursts, 10)):
+        r = run(split, shots=shots, classes=n, holdout=held, unknown=unknown)
+        kit = f", {shots} shot{'s' if shots > 1 else ''}" if shots != 10 else ""
+        kit += f", bursts of {BURST}" if split is bursts else ""
+        print(f"| {r['taught_classes']} / {held}{kit} | {r['accuracy']:.3f} | {r['known_accuracy']:.3f} "
               f"({100 * (r['known_accuracy'] - r['accuracy']):+.1f}) | {r['unknown_rate']:.3f} | "
               f"{r.get('holdout_unknown_rate', float('nan')):.3f} | {r.get('holdout_auroc', float('nan')):.3f} |")
+
+    print("\nTrade-off curve, 3 taught / 2 held out, 10 shots (threshold moved by the offset):\n")
+    print("| offset | known accuracy | unrelated unknown | held-out unknown |\n| --- | --- | --- | --- |")
+    for p in run(shots=10, classes=3, holdout=2, unknown=unknown)["curve"]:
+        print(f"| {p['offset']:+.2f} | {p['known_accuracy']:.3f} | {p['unknown_rate']:.3f} | {p['holdout_unknown_rate']:.3f} |")
+
+    print("\nClass imbalance (shirt next to t-shirt, 10 photos each; shirt's 10 photos repeated as 200 "
+          "near-duplicate frames): t-shirt test photos recognised\n")
+    print("| head | 10 vs 10 | 200 vs 10 |\n| --- | --- | --- |")
+    rng = np.random.default_rng(0)
+    frames = np.repeat(train.classes["shirt"][:10], 20, axis=0)
+    frames = frames * rng.uniform(0.97, 1.03, frames.shape).astype(np.float32)
+    for kind in ("centroid", "knn"):
+        cells = []
+        for big in (train.classes["shirt"][:10], frames):
+            h = Head(kind, mean=mean)
+            h.set_samples({"shirt": big, "t-shirt": train.classes["t-shirt"][:10]})
+            cells.append(f"{(h.predict_closed(test.classes['t-shirt']) == 1).mean():.3f}")
+        print(f"| {kind} | " + " | ".join(cells) + " |")
 
     print(f"\nA taught 'nothing' class (20 of the {len(unknown)} unrelated photos), 10 shots:\n")
     print("| taught / held out | unrelated unknown without / with it | known accuracy without / with it "

@@ -5,7 +5,8 @@ Two views of the same embeddings, each doing what it measures best here (see doc
   unit length. Cosine similarity to a class centroid in this view says whether a frame looks like
   that class at all; with "auto" a second test asks whether it is more like that class than like
   what all taught classes share. Both thresholds come from leave-one-out scores of the stored
-  samples, so they adapt to how tight the taught classes are.
+  samples (leaving out a sample's near-duplicates with it: frames of one burst), so they adapt
+  to how tight the taught classes are.
 - a *choice* view: the gate view whitened by the classes' own pooled within-class spread (shrunk
   towards the identity), blended with the plain cosine of the raw embeddings, the whitened part
   weighing more the more samples there are to estimate the spread from.
@@ -29,16 +30,35 @@ SHRINK = 10.0
 # - like the class at all: gate cosine to the chosen centroid;
 # - more like it than like what the taught classes share: cosine after removing the mean of the
 #   class centroids ("relative" score).
-# Each threshold is set where a normal fit of the LOO scores puts GATE_BUDGET (RELATIVE_BUDGET)
-# of the samples below it. Chosen on clothing-small so that known accuracy drops 1.5-3 points at
-# 10 shots with 2 to 10 classes.
+# Each threshold is the lower prediction bound of a normal fit of the LOO scores that a share
+# GATE_BUDGET (RELATIVE_BUDGET) of new samples would fall below (Student-t, so that 20 scores of
+# 2 classes count for less than 100 of 10). Chosen on clothing-small so that known accuracy drops
+# 1.4-3 points at 10 shots with 2 to 10 classes (docs/head.md).
 GATE_BUDGET = 0.03
 RELATIVE_BUDGET = 0.03
-# Used until at least MIN_LOO leave-one-out similarities exist (classes of one sample each).
+# Used until at least MIN_LOO leave-one-out similarities exist (classes of one sample, or of
+# near-duplicates of one view, each).
 FALLBACK_THRESHOLD = 0.3
 MIN_LOO = 4
 # Rows used to estimate the within-class spread (keeps re-fitting fast with thousands of samples).
 MAX_FIT_ROWS = 256
+# Near-duplicates: samples of one class whose gate cosine reaches DUPLICATE count as views of one
+# thing (frames of one burst, 1/6 s apart). On clothing-small, 5 views of one photo have cosines
+# 0.81-0.95 (1st-75th percentile), different photos of one class 0.38-0.78 (median to 99.9th).
+# A leave-one-out score leaves a sample's near-duplicates out too (else a burst vouches for
+# itself and the threshold rejects most new frames), and the plain-view weight counts distinct
+# views, not frames. Per class, up to MAX_LOO_ROWS evenly spaced samples are scored.
+DUPLICATE = 0.8
+MAX_LOO_ROWS = 64
+# k-NN per frame: one product over all stored samples reads samples x dim floats (26 MB at
+# 5,000 samples), which costs a third of an invoke here. Above KNN_EXACT_MAX samples, a frame
+# (up to KNN_FAST_ROWS rows at once) is first scored in a KNN_RANK-dim principal subspace of the
+# stored samples, and only the KNN_CANDIDATES best of each class are scored exactly; the k best
+# of those are the class's score (docs/head.md measures both paths).
+KNN_EXACT_MAX = 1024
+KNN_RANK = 192
+KNN_CANDIDATES = 16
+KNN_FAST_ROWS = 4
 # The choice blends the whitened cosine with the plain cosine of unit raw embeddings (the
 # baseline), the plain one weighted PLAIN_SAMPLES / (PLAIN_SAMPLES + samples): with few samples
 # the spread estimate is noise and the plain view decides; with many, the whitened one.
@@ -158,21 +178,26 @@ class Head:
         real = np.array([n not in self._nothing for n in labels])
         spread = real[owner] if real.any() else np.ones(len(z), bool)
         white, choice = self._choice_fit(groups, z[spread], owner[spread], avg, means)
+        taught = [g for g, r in zip(groups, real) if r]
+        loo = [_loo_rows(g) for g in taught]
+        distinct = sum(len(g) * float(np.mean(1.0 / d.sum(axis=1))) for g, (_, d) in zip(taught, loo))
         if self.kind == "knn":     # whitened samples of all classes in one matrix
-            choice = (np.vstack(choice), np.concatenate([[0], np.cumsum(sizes)]))
+            choice = _knn_index(choice)
         centroids = l2_normalize(means)
         fit = {"labels": labels, "centroids": centroids, "white": white, "choice": choice,
                "plain": l2_normalize(np.stack([self._plain[n] for n in labels])),
-               "plain_weight": PLAIN_SAMPLES / (PLAIN_SAMPLES + int(spread.sum())),
+               "plain_weight": PLAIN_SAMPLES / (PLAIN_SAMPLES + (distinct if taught else len(z))),
                "nothing": ~real, "threshold": self._fixed_or(FALLBACK_THRESHOLD), "relative": None}
         if self.threshold_setting == "auto":
-            gate, rel = _loo_scores([g for g, r in zip(groups, real) if r], centroids[real])
+            gate, rel, views = _loo_scores(taught, centroids[real], loo)
+            views = max(views, 2.0)
             if len(gate) >= MIN_LOO:
-                fit["threshold"] = _budget_threshold(gate, GATE_BUDGET)
+                fit["threshold"] = _budget_threshold(gate, GATE_BUDGET, views)
             if len(rel) >= MIN_LOO:
                 # compared as rel + offset >= threshold, so one threshold serves both tests
-                fit["relative"] = (centroids[real].mean(axis=0),
-                                   fit["threshold"] - _budget_threshold(rel, RELATIVE_BUDGET))
+                shared = centroids[real].mean(axis=0)
+                fit["relative"] = (shared, l2_normalize(centroids - shared),
+                                   fit["threshold"] - _budget_threshold(rel, RELATIVE_BUDGET, views))
         return fit
 
     def _fixed_or(self, default: float) -> float:
@@ -201,14 +226,7 @@ class Head:
         w = fit["white"](g)
         if self.kind == "centroid":
             return w @ fit["choice"].T
-        stacked, bounds = fit["choice"]
-        sims = w @ stacked.T          # one product over all samples, then the k best per class
-        out = np.empty((len(w), len(bounds) - 1), dtype=np.float32)
-        for c in range(len(bounds) - 1):
-            part = sims[:, bounds[c]:bounds[c + 1]]
-            k = min(self.k, part.shape[1])
-            out[:, c] = np.partition(part, part.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
-        return out
+        return _knn_scores(fit["choice"], w, self.k)
 
     def evaluate(self, x: np.ndarray) -> tuple:
         """(choice scores (N, C), gate scores (N, C)) for raw embeddings x."""
@@ -229,8 +247,8 @@ class Head:
         cents = fit["centroids"]
         gate = g @ cents.T
         if fit["relative"] is not None:
-            shared, offset = fit["relative"]
-            rel = l2_normalize(g - shared) @ l2_normalize(cents - shared).T
+            shared, rel_cents, offset = fit["relative"]
+            rel = l2_normalize(g - shared) @ rel_cents.T
             gate = np.minimum(gate, rel + offset)
         return gate
 
@@ -254,6 +272,68 @@ class Head:
         """Best class per row, ignoring the unknown gate (closed-set accuracy)."""
         choice, _ = self.evaluate(x)
         return choice.argmax(axis=1) if choice.shape[1] else np.full(len(choice), -1)
+
+
+def _knn_index(groups) -> dict:
+    """The stored whitened samples in one matrix, with where each class's rows go in a padded
+    (classes x largest class) table; above KNN_EXACT_MAX rows also a KNN_RANK-dim principal basis
+    (from up to 512 evenly spaced rows, through their Gram matrix) and every row projected on it."""
+    sizes = np.array([len(g) for g in groups])
+    stacked = np.ascontiguousarray(np.vstack(groups), dtype=np.float32)
+    width = int(sizes.max())
+    owner = np.repeat(np.arange(len(groups)), sizes)
+    slot = owner * width + (np.arange(len(stacked)) - np.repeat(np.cumsum(sizes) - sizes, sizes))
+    index = {"stacked": stacked, "sizes": sizes, "width": width, "slot": slot, "basis": None,
+             "starts": (np.cumsum(sizes) - sizes)[None, :, None]}
+    if len(stacked) > KNN_EXACT_MAX:
+        sub = stacked[np.linspace(0, len(stacked) - 1, min(512, len(stacked))).astype(int)].astype(np.float64)
+        eig, u = np.linalg.eigh(sub @ sub.T)
+        top = np.argsort(eig)[::-1][:KNN_RANK]
+        top = top[eig[top] > eig.max() * 1e-9]
+        basis = ((u[:, top].T @ sub) / np.sqrt(eig[top])[:, None]).astype(np.float32)
+        index.update(basis=basis, projected=np.ascontiguousarray(stacked @ basis.T))
+    return index
+
+
+def _padded(values: np.ndarray, index: dict) -> np.ndarray:
+    """Per-sample values (rows x samples) as a (rows, classes, largest class) table, -inf where a
+    class has fewer samples."""
+    n_classes, width = len(index["sizes"]), index["width"]
+    table = np.full((len(values), n_classes * width), -np.inf, dtype=np.float32)
+    table[:, index["slot"]] = values
+    return table.reshape(len(values), n_classes, width)
+
+
+def _mean_of_best(table: np.ndarray, sizes: np.ndarray, k: int) -> np.ndarray:
+    """(rows, classes): mean of the min(k, size) largest entries of each class's row of table."""
+    kk = min(k, table.shape[2])
+    top = np.partition(table, table.shape[2] - kk, axis=2)[:, :, -kk:]
+    if sizes.min() >= kk:       # every class has k samples: no padding among the best
+        return top.mean(axis=2, dtype=np.float32)
+    best = -np.sort(-top, axis=2)
+    per_class = np.minimum(kk, sizes)
+    sums = np.cumsum(np.where(np.isfinite(best), best, 0.0), axis=2)
+    return (sums[:, np.arange(len(sizes)), per_class - 1] / per_class).astype(np.float32)
+
+
+def _knn_scores(index: dict, w: np.ndarray, k: int) -> np.ndarray:
+    """k-NN class scores of whitened unit rows w: exact with few samples or many rows at once;
+    else a coarse pass in the principal subspace picks KNN_CANDIDATES per class to score exactly."""
+    stacked, sizes = index["stacked"], index["sizes"]
+    if index["basis"] is None or len(w) > KNN_FAST_ROWS:
+        return _mean_of_best(_padded(w @ stacked.T, index), sizes, k)
+    coarse = _padded((w @ index["basis"].T) @ index["projected"].T, index)
+    cand = min(max(KNN_CANDIDATES, k), index["width"])
+    pick = np.argpartition(coarse, index["width"] - cand, axis=2)[:, :, -cand:]   # (rows, C, cand)
+    rows = index["starts"] + pick
+    if sizes.min() >= cand:
+        exact = np.stack([stacked[r.ravel()] @ q for r, q in zip(rows, w)]).reshape(pick.shape)
+    else:                       # a class smaller than `cand`: some picks are padding
+        valid = pick < sizes[None, :, None]
+        rows = np.where(valid, rows, 0)
+        exact = np.stack([stacked[r.ravel()] @ q for r, q in zip(rows, w)]).reshape(pick.shape)
+        exact = np.where(valid, exact, -np.inf).astype(np.float32)
+    return _mean_of_best(exact, sizes, k)
 
 
 def spread_residuals(z: np.ndarray, owner: np.ndarray, means: np.ndarray) -> np.ndarray:
@@ -307,38 +387,66 @@ def _white_means(z, avg, basis, scale, a) -> np.ndarray:
     return l2_normalize(a * (w @ z) + ((w @ p) * scale) @ basis)
 
 
-def _loo_scores(groups, centroids) -> tuple:
-    """Leave-one-out gate and relative scores of each sample against its own class (its class
-    centroid computed without it; `centroids` are the unit class centroids of `groups`). The
-    relative scores need two classes."""
-    gate, rel = [], []
+def _loo_rows(g: np.ndarray) -> tuple:
+    """(rows to score, their near-duplicate masks over all of g): up to MAX_LOO_ROWS evenly spaced
+    rows of one class's gate-view samples; each row is a near-duplicate of itself."""
+    rows = np.arange(len(g))
+    if len(rows) > MAX_LOO_ROWS:
+        rows = rows[np.linspace(0, len(g) - 1, MAX_LOO_ROWS).astype(int)]
+    dup = (g[rows] @ g.T) >= DUPLICATE
+    dup[np.arange(len(rows)), rows] = True
+    return rows, dup
+
+
+def _loo_scores(groups, centroids, loo=None) -> tuple:
+    """Leave-one-out gate and relative scores of samples against their own class (its class
+    centroid computed without them and without their near-duplicates; `centroids` are the unit
+    class centroids of `groups`, `loo` their `_loo_rows`). A sample whose class is all its
+    near-duplicates has no score: like a class of one sample, one view tells nothing of how far
+    new views go. The relative scores need two classes. Also returns how many distinct views
+    the scores stand for."""
+    gate, rel, views = [], [], 0.0
     n_classes = len(groups)
     shared = centroids.mean(axis=0) if n_classes else None
-    for c, g in enumerate(groups):
-        if len(g) < 2:
+    loo = loo or [_loo_rows(g) for g in groups]
+    for c, (g, (rows, dup)) in enumerate(zip(groups, loo)):
+        keep = dup.sum(axis=1) < len(g)      # else only near-duplicates: one view, no score
+        if not keep.any():
             continue
-        own = l2_normalize(g.sum(axis=0, keepdims=True) - g)
+        rows, dup = rows[keep], dup[keep]
+        views += len(g) * float(np.mean(1.0 / dup.sum(axis=1))) * len(rows) / len(keep)
+        own = l2_normalize(g.sum(axis=0, keepdims=True) - dup.astype(np.float32) @ g)
+        g = g[rows]
         gate.append(np.sum(own * g, axis=1))
         if n_classes >= 2:
             shared_i = shared + (own - centroids[c]) / n_classes
             rel.append(np.sum(l2_normalize(g - shared_i) * l2_normalize(own - shared_i), axis=1))
     cat = lambda v: np.concatenate(v) if v else np.zeros(0, np.float32)
-    return cat(gate), cat(rel)
+    return cat(gate), cat(rel), views
 
 
-def _budget_threshold(values: np.ndarray, budget: float) -> float:
-    """The score below which a share `budget` of new samples like `values` would fall, assuming
-    a normal spread: mean - z * std. A plain quantile cannot reach below the lowest of 20 LOO
-    values (5 %); the fitted spread can."""
+def _budget_threshold(values: np.ndarray, budget: float, n: Optional[float] = None) -> float:
+    """The score below which a share `budget` of *new* samples like `values` would fall: the
+    lower prediction bound of a normal fit, mean + t * std * sqrt(1 + 1/n), with t the Student-t
+    quantile for n - 1 degrees of freedom. With 20 scores (2 classes of 10) mean and spread are
+    themselves uncertain, and the plain normal quantile rejected 4.3 % of known photos for a
+    3 % budget (docs/head.md). n: how many independent samples the values stand for (distinct
+    views; default their count). A plain quantile cannot reach below the lowest of 20 values
+    (5 %); the fitted spread can."""
+    n = float(len(values) if n is None else n)
+    nu = max(n - 1.0, 1.0)
     z = NormalDist().inv_cdf(budget)
-    return float(values.mean() + z * values.std(ddof=1))
+    # Cornish-Fisher expansion of the t quantile (stdlib only): within 1 % of it for nu >= 5,
+    # less extreme below (-2.86 for -3.48 at nu = 3)
+    t = z + (z ** 3 + z) / (4 * nu) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * nu ** 2)
+    return float(values.mean() + t * values.std(ddof=1) * np.sqrt(1.0 + 1.0 / max(n, 1.0)))
 
 
 def auto_threshold(groups) -> float:
     """The "like the class at all" threshold alone, from groups of gate-view samples."""
     cents = l2_normalize(np.stack([g.mean(axis=0) for g in groups])) if groups else None
-    gate, _ = _loo_scores(groups, cents)
-    return _budget_threshold(gate, GATE_BUDGET) if len(gate) >= MIN_LOO else FALLBACK_THRESHOLD
+    gate, _, views = _loo_scores(groups, cents)
+    return _budget_threshold(gate, GATE_BUDGET, max(views, 2.0)) if len(gate) >= MIN_LOO else FALLBACK_THRESHOLD
 
 
 def plain_centroid_predict(train: Dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edge.head import FALLBACK_THRESHOLD, Head, auto_threshold, gate_features, l2_normalize
+from edge.head import FALLBACK_THRESHOLD, Head, auto_threshold, gate_features, l2_normalize, signed_sqrt
 from edge.smoothing import UNKNOWN, Smoother
 
 
@@ -18,10 +18,15 @@ def two_classes():
     return rng, a, b
 
 
+def world_mean(rng, dim=64):
+    """A reference mean like the box's (everyday photos): here, of photos like the strangers."""
+    return signed_sqrt(np.abs(rng.standard_normal((500, dim))) * 3).mean(axis=0)
+
+
 @pytest.mark.parametrize("kind", ["centroid", "knn"])
 def test_learns_two_classes_and_rejects_a_stranger(kind, two_classes):
     rng, a, b = two_classes
-    head = Head(kind)
+    head = Head(kind, mean=world_mean(rng))
     head.set_samples({"a": blobs(rng, a, 8), "b": blobs(rng, b, 8)})
     idx, sim = head.predict(np.vstack([blobs(rng, a, 3), blobs(rng, b, 3)]))
     assert list(idx) == [0, 0, 0, 1, 1, 1]
@@ -75,10 +80,90 @@ def test_set_class_undo_and_threshold_setting(two_classes):
 def test_auto_threshold_follows_the_spread_of_the_samples():
     rng = np.random.default_rng(3)
     c = np.abs(rng.standard_normal(64)) * 3
-    tight = [gate_features(blobs(rng, c, 20, 0.05), None)]
-    loose = [gate_features(blobs(rng, c, 20, 1.5), None)]
+    mean = world_mean(rng)
+    # tight, but mostly distinct views (near-duplicates are another test)
+    tight = [gate_features(blobs(rng, c, 20, 0.8), mean)]
+    loose = [gate_features(blobs(rng, c, 20, 1.5), mean)]
     assert auto_threshold(tight) > auto_threshold(loose)
-    assert auto_threshold([gate_features(blobs(rng, c, 1), None)]) == FALLBACK_THRESHOLD
+    assert auto_threshold([gate_features(blobs(rng, c, 1), mean)]) == FALLBACK_THRESHOLD
+
+
+def bursts_of(rng, photos, frames=5, noise=0.02):
+    """Each row of `photos` as `frames` near-duplicates (consecutive rows), like a held button."""
+    rep = np.repeat(photos, frames, axis=0)
+    return (rep * rng.uniform(1 - noise, 1 + noise, rep.shape)).astype(np.float32)
+
+
+def test_near_duplicates_do_not_vouch_for_themselves():
+    """A class taught as bursts of near-duplicate frames gets about the threshold and the choice
+    scores of the same class taught as one frame per view: leaving one frame out must leave its
+    burst out too, else the threshold rejects most new frames (issue 12)."""
+    rng = np.random.default_rng(7)
+    mean = world_mean(rng)
+    centres = [np.abs(rng.standard_normal(64)) * 3 for _ in range(3)]
+    photos = {f"c{i}": blobs(rng, c, 6, noise=1.0) for i, c in enumerate(centres)}
+    single, burst = Head(mean=mean), Head(mean=mean)
+    single.set_samples(photos)
+    burst.set_samples({n: bursts_of(rng, v) for n, v in photos.items()})
+    assert single.threshold != FALLBACK_THRESHOLD
+    assert abs(burst.threshold - single.threshold) < 0.03, (burst.threshold, single.threshold)
+    queries = np.vstack([blobs(rng, c, 20, noise=1.0) for c in centres])
+    s_single, g_single = single.evaluate(queries)
+    s_burst, g_burst = burst.evaluate(queries)
+    assert np.abs(s_burst - s_single).max() < 0.03
+    assert np.array_equal(single.predict_closed(queries), burst.predict_closed(queries))
+    a_single, a_burst = (single.predict(queries)[0] >= 0).mean(), (burst.predict(queries)[0] >= 0).mean()
+    assert a_burst >= a_single - 0.05, (a_burst, a_single)
+
+
+def test_one_view_per_class_gets_the_fallback_threshold():
+    """Each class one photo as a burst of near-duplicates: no honest leave-one-out score exists,
+    as with one sample per class."""
+    rng = np.random.default_rng(8)
+    head = Head(mean=world_mean(rng))
+    head.set_samples({f"c{i}": bursts_of(rng, blobs(rng, np.abs(rng.standard_normal(64)) * 3, 1))
+                      for i in range(3)})
+    assert head.threshold == FALLBACK_THRESHOLD
+
+
+def test_threshold_is_a_prediction_bound_that_widens_with_few_scores():
+    """The same scores set a lower threshold when they stand for fewer samples (Student-t
+    prediction bound); t quantiles at 3 %: -2.150 for 9 and -2.000 for 19 degrees of freedom."""
+    from edge.head import _budget_threshold
+    values = np.random.default_rng(9).normal(0.5, 0.1, 200)
+    m, s = values.mean(), values.std(ddof=1)
+    for n, t in ((10, -2.150), (20, -2.000)):
+        assert _budget_threshold(values, 0.03, n) == pytest.approx(m + t * s * np.sqrt(1 + 1 / n), abs=0.002)
+    assert _budget_threshold(values, 0.03, 5) < _budget_threshold(values, 0.03, 20) < _budget_threshold(values, 0.03, 200)
+
+
+def test_knn_many_samples_one_frame_matches_the_full_product():
+    """Above KNN_EXACT_MAX samples a frame is scored through a principal subspace first; on data
+    that the subspace holds (here, 40 dimensions) it gives the full product's scores, also with
+    classes smaller than k and than the candidate count (padding), and batches stay exact."""
+    from edge.head import KNN_EXACT_MAX
+    rng = np.random.default_rng(11)
+    basis = rng.standard_normal((40, 256)).astype(np.float32)
+    sizes = [700, 400, 2, 9]      # > KNN_EXACT_MAX in all; one class below k = 3, one below 16
+    assert sum(sizes) > KNN_EXACT_MAX
+    samples = {f"c{i}": np.abs(rng.standard_normal((n, 40)) + 2 * i).astype(np.float32) @ basis
+               for i, n in enumerate(sizes)}
+    queries = np.vstack([v[:3] * 1.01 for v in samples.values()] + [samples["c0"][5:8] + samples["c3"][:3]])
+    head = Head("knn", k=3, threshold=-1.0)
+    head.set_samples(samples)
+    batch = head.evaluate(queries)[0]                       # many rows: the full product
+    frames = np.vstack([head.evaluate(q[np.newaxis])[0] for q in queries])
+    assert np.abs(frames - batch).max() < 1e-4
+    assert list(batch.argmax(axis=1)[:11]) == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3]   # c2 has 2 samples
+
+
+def test_knn_mean_of_best_counts_only_a_small_class_own_samples():
+    from edge.head import _knn_index, _knn_scores
+    groups = [l2_normalize(np.eye(4, dtype=np.float32)[[0, 0, 1]] + 0.1), l2_normalize(np.eye(4, dtype=np.float32)[[2]])]
+    w = l2_normalize(np.array([[1.0, 0.2, 0.1, 0.0]], np.float32))
+    got = _knn_scores(_knn_index(groups), w, 3)
+    want = [np.sort(g @ w[0])[::-1][:3].mean() for g in groups]
+    assert np.allclose(got[0], want)
 
 
 def test_empty_head_knows_nothing():
