@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -197,10 +198,10 @@ def speed(blocks: int, seconds: float, clients: str, threads) -> dict:
                 store.add_samples(name, np.abs(rng.normal(0, 1, (60, engine.dim))).astype(np.float32),
                                   "import", store.new_burst())
         camera = PacedCamera(frame)
-        box = Box(cfg, engine, store, camera, panel=None)
-        web = WebServer(cfg.web, box.submit, device_id="bench")
+        commands = queue.Queue()
+        web = WebServer(cfg.web, commands.put, device_id="bench")
         clock = Clock(camera, engine)
-        box.outputs += [web, clock]
+        box = Box(cfg, engine, store, camera, None, commands, outputs=[web, clock])
         assert web.start(), "the web server did not start"
         loop = threading.Thread(target=box.run, daemon=True)
         loop.start()
