@@ -205,7 +205,14 @@ class Box:
         self._end_recording()
 
     def step(self) -> None:
-        """One turn: handle queued commands, then one frame (or a camera retry)."""
+        """One turn: handle queued commands, then one frame (or a camera retry); then the
+        outputs' threads are woken (`flush`), after the frame, not in the middle of it."""
+        try:
+            self._turn()
+        finally:
+            self._flush()
+
+    def _turn(self) -> None:
         self._drain()
         self._check_function_hold()
         frame = self._next_frame()
@@ -695,6 +702,15 @@ class Box:
             if show is not None:
                 try:
                     show(rgb)
+                except Exception:
+                    log.exception("output %s failed", type(out).__name__)
+
+    def _flush(self) -> None:
+        for out in self.outputs:
+            flush = getattr(out, "flush", None)
+            if flush is not None:
+                try:
+                    flush()
                 except Exception:
                     log.exception("output %s failed", type(out).__name__)
 
