@@ -12,7 +12,9 @@
    called back to back), so they do not compete with the loop; frame-to-decision is
    read->decision on the loop thread. two_pages_over_no_page isolates the page's own cost;
    loop_invoke_ms is the invoke of the same frames inside the loop (on a busy machine the
-   loop's invoke itself slows down, which no code around it can help).
+   loop's invoke itself slows down, which no code around it can help). frame_to_turn_end_ms
+   is read -> the end of the loop's turn, after the outputs woke their threads (Outputs.flush):
+   what the page's thread takes from the loop shows there, not in the decision's time.
    Frames (--frame): by default the size the box's sources deliver since issue 10, the Pi
    camera ISP's isp_size(640, 480, model size) = 320x224 for the 224 model, as in
    box_bench.py. Until 2026-12-02 this benchmark fed 640x480 frames, which no source delivers
@@ -112,6 +114,8 @@ class Clock:
         self.camera = camera
         self.ms: list = []
         self.invoke_ms: list = []
+        self.turn_ms: list = []
+        self._decided = False
         bare = engine.invoke
 
         def timed(x):
@@ -124,6 +128,12 @@ class Clock:
 
     def decision(self, d) -> None:
         self.ms.append((time.perf_counter() - self.camera.read_at) * 1000)
+        self._decided = True
+
+    def flush(self) -> None:    # the last output's flush: the end of the loop's turn
+        if self._decided:
+            self.turn_ms.append((time.perf_counter() - self.camera.read_at) * 1000)
+            self._decided = False
 
     def state(self, s) -> None: ...
 
@@ -223,6 +233,7 @@ def speed(blocks: int, seconds: float, clients: str, threads, frame_spec: str = 
         loop.start()
         pages = Pages(clients, f"http://127.0.0.1:{port}/")
         f2d = {"off": [], "on": []}
+        turn = {"off": [], "on": []}
         loop_invoke = {"off": [], "on": []}
         invoke = []
         frames_before = web.frames_sent
@@ -235,8 +246,10 @@ def speed(blocks: int, seconds: float, clients: str, threads, frame_spec: str = 
                     time.sleep(1.5)               # pages load and start watching
                     clock.ms.clear()
                     clock.invoke_ms.clear()
+                    clock.turn_ms.clear()
                     time.sleep(seconds)
                     f2d[mode].append(float(np.median(clock.ms)))
+                    turn[mode].append(float(np.median(clock.turn_ms)) if clock.turn_ms else float("nan"))
                     loop_invoke[mode].append(float(np.median(clock.invoke_ms)))
                     if mode == "on":
                         pages.shut()
@@ -275,6 +288,9 @@ def speed(blocks: int, seconds: float, clients: str, threads, frame_spec: str = 
         "loop_invoke_ms_two_pages": round(float(np.median(loop_invoke["on"])), 2),
         "frame_to_decision_over_loop_invoke_two_pages": round(float(np.median(
             np.array(f2d["on"]) / np.array(loop_invoke["on"]))), 3),
+        "frame_to_turn_end_ms_no_page": round(float(np.median(turn["off"])), 2),
+        "frame_to_turn_end_ms_two_pages": round(float(np.median(turn["on"])), 2),
+        "turn_end_over_invoke_two_pages": round(float(np.median(np.array(turn["on"]) / inv_on)), 3),
         "pictures_encoded": web.frames_sent - frames_before,
         "socket_client_stats": pages.stats,
         "target": 1.25,
