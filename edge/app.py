@@ -205,7 +205,14 @@ class Box:
         self._end_recording()
 
     def step(self) -> None:
-        """One turn: handle queued commands, then one frame (or a camera retry)."""
+        """One turn: handle queued commands, then one frame (or a camera retry); then the
+        outputs' threads are woken (`flush`), after the frame, not in the middle of it."""
+        try:
+            self._turn()
+        finally:
+            self._flush()
+
+    def _turn(self) -> None:
         self._drain()
         self._check_function_hold()
         frame = self._next_frame()
@@ -642,27 +649,27 @@ class Box:
         if self.camera is not None and self.camera.name == "mqtt":
             self.smoother.reset()   # each picture sent over MQTT gets its own answer
         index = self.smoother.update(choice[0], gate[0], self.head.threshold)
-        label = labels[index] if index != UNKNOWN else UNKNOWN_LABEL
-        if label != UNKNOWN_LABEL and self._is_nothing(label):
-            label = UNKNOWN_LABEL
+        infos = self.store.classes()     # read once a frame: the nothing flag, the index, the LED
+        position, info = -1, None
+        if index != UNKNOWN:
+            position, info = next(((i, c) for i, c in enumerate(infos) if c.name == labels[index]), (-1, None))
+        if info is not None and info.nothing:
+            position, info = -1, None
+        label = info.name if info is not None else UNKNOWN_LABEL
         changed = label != self.label
         self.label = label
-        confidence = self.smoother.confidence() if label != UNKNOWN_LABEL else 0.0
-        decision = Decision(label=label, index=self.classes.index(label) if label != UNKNOWN_LABEL else -1,
-                            confidence=round(confidence, 4),
-                            scores={n: round(float(s), 4) for n, s in zip(labels, gate[0])},
+        confidence = self.smoother.confidence() if info is not None else 0.0
+        decision = Decision(label=label, index=position, confidence=round(confidence, 4),
+                            scores={n: round(s, 4) for n, s in zip(labels, gate[0].tolist())},
                             ts=time.time(), frame=self.frames, changed=changed)
-        self._show(confidence)
+        if self.panel is not None:   # as _show, with the info at hand (not recording here)
+            self.panel.show(info.button if info is not None else None, confidence)
         for out in self.outputs:
             try:
                 out.decision(decision)
             except Exception:
                 log.exception("output %s failed", type(out).__name__)
         return decision
-
-    def _is_nothing(self, name: str) -> bool:
-        info = self._info(name)
-        return info is not None and info.nothing
 
     # --- outputs -----------------------------------------------------------------------------
 
@@ -695,6 +702,15 @@ class Box:
             if show is not None:
                 try:
                     show(rgb)
+                except Exception:
+                    log.exception("output %s failed", type(out).__name__)
+
+    def _flush(self) -> None:
+        for out in self.outputs:
+            flush = getattr(out, "flush", None)
+            if flush is not None:
+                try:
+                    flush()
                 except Exception:
                     log.exception("output %s failed", type(out).__name__)
 

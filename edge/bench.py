@@ -28,14 +28,26 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int = 5) -> float:
     return float(np.median(times) * 1000.0)
 
 
-def interleaved(fns: dict, runs: int, blocks: int = 5) -> dict:
-    """Median ms of each named function, measured in alternating blocks."""
+def interleaved_blocks(fns: dict, runs: int, blocks: int = 5) -> dict:
+    """Per block, the median ms of each named function; the functions take turns block by block,
+    so the same entry of two lists was measured at nearly the same time."""
     per = max(1, runs // blocks)
     samples = {name: [] for name in fns}
     for _ in range(blocks):
         for name, fn in fns.items():
             samples[name].append(median_ms(fn, per, warmup=2))
-    return {name: float(np.median(v)) for name, v in samples.items()}
+    return samples
+
+
+def interleaved(fns: dict, runs: int, blocks: int = 5) -> dict:
+    """Median ms of each named function, measured in alternating blocks."""
+    return {name: float(np.median(v)) for name, v in interleaved_blocks(fns, runs, blocks).items()}
+
+
+def paired_ratio(blocks: dict, over: str, under: str) -> float:
+    """The median over blocks of one function's time over another's measured next to it: load
+    that comes and goes between blocks then weighs on both sides of each ratio alike."""
+    return float(np.median(np.array(blocks[over]) / np.array(blocks[under])))
 
 
 def engine_rss_mb(model: Path, threads: Optional[int]) -> dict:

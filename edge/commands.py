@@ -181,7 +181,9 @@ class Decision:
 
 class Outputs(Protocol):
     """Where the box reports (MQTT, the web page, tests). Called from the loop thread only, and
-    must return at once. An output may also define `preview(rgb)` to get the model's view."""
+    must return at once. An output may also define `preview(rgb)` to get the model's view, and
+    `flush()`, called at the end of each turn of the loop: an output that serves from a thread
+    of its own keeps the turn's decision and picture and wakes that thread there, once."""
 
     def decision(self, decision: Decision) -> None: ...
 

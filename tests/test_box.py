@@ -48,6 +48,7 @@ class Rig:
         }, base=tmp_path)
         self.factory = factory
         self.events = []
+        self.decisions = []
         self.start()
 
     def start(self):
@@ -75,7 +76,7 @@ class Rig:
 
     # Outputs: the test listens like MQTT would.
     def decision(self, d):
-        pass
+        self.decisions.append(d)
 
     def state(self, s):
         pass
@@ -157,6 +158,27 @@ def test_teach_with_buttons_then_recognise_and_remember(rig, clothing, calibrati
     rig.show(list_images(clothing / "test" / "shoes")[:12])
     share = rig.lit_share()
     assert share["A"] > 0.8 and share["B"] < 0.1, share
+
+
+def test_a_nothing_class_answers_unknown_and_lights_no_led(rig, clothing):
+    """Decisions carry the class's place in the store's order; a "nothing" class is chosen
+    like any other but answered as unknown, index -1, with its LED dark."""
+    rig.teach("A", list_images(clothing / "train" / "shoes"), 10)
+    rig.teach("B", list_images(clothing / "train" / "hat"), 10)
+    replies = []
+    rig.send("nothing", {"class": "B", "nothing": True}, replies.append)
+    assert wait_for(lambda: replies) and replies[0]["ok"], replies
+    rig.show(list_images(clothing / "test" / "hat")[:12])
+    share = rig.lit_share()
+    assert share["A"] < 0.1 and share["B"] == 0, share
+    seen = rig.decisions[-10:]
+    assert all(d.label == "unknown" and d.index == -1 and d.confidence == 0.0 for d in seen), seen
+    rig.show(list_images(clothing / "test" / "shoes")[:12])
+    share = rig.lit_share()
+    assert share["A"] > 0.8 and share["B"] == 0, share
+    seen = rig.decisions[-10:]
+    assert all(d.label == "A" and d.index == 0 and d.confidence > 0 for d in seen), seen
+    assert set(seen[-1].scores) == {"A", "B"}
 
 
 def test_function_button_undo_and_clear(rig, clothing):

@@ -52,6 +52,21 @@ def test_mirror_flips_left_and_right():
     assert (mirrored == plain[:, ::-1]).all()
 
 
+@pytest.mark.parametrize("w,h,mirror", [(320, 224, False), (320, 224, True), (224, 320, False), (224, 224, True)])
+def test_a_frame_whose_square_is_the_model_size_gives_what_pil_gives(w, h, mirror):
+    """The Pi camera's frames (centre square = model size) skip PIL: same pixels, a new array."""
+    frame = np.random.default_rng(w + h).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    left, top, right, bottom = centre_square(w, h)
+    square = Image.fromarray(np.ascontiguousarray(frame[top:bottom, left:right]))
+    expected = square.resize((224, 224), Image.BILINEAR, reducing_gap=1.0)
+    if mirror:
+        expected = expected.transpose(Image.FLIP_LEFT_RIGHT)
+    out = prepare(frame, 224, mirror=mirror)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+    assert (out == np.asarray(expected)).all()
+    assert not np.shares_memory(out, frame)
+
+
 def test_unsupported_arrays_are_refused():
     with pytest.raises(ImageError):
         prepare(np.zeros((10, 10, 2), np.uint8), 8)

@@ -296,15 +296,18 @@ def test_outputs_reach_watching_pages(server):
         srv.state({"mode": "classifying", "classes": [{"name": "A", "samples": 3}]})
         state = await inbox("state")
         srv.decision(Decision("A", 0, 0.8, {"A": 0.8}, time.time(), 7, True))
+        srv.flush()            # the end of the loop's turn sends what the turn kept
         decision = await inbox("decision")
         srv.event({"event": "sample_added", "class": "A", "samples": 4})
         event = await inbox("event")
         srv.preview(rgb)       # not watching yet: nothing is encoded
+        srv.flush()
         await asyncio.sleep(0.3)
         assert srv.frames_sent == 0
         await ws.send_json({"type": "watch", "on": True})
         await asyncio.sleep(0.2)
         srv.preview(rgb)
+        srv.flush()
         return state, decision, event, await inbox(binary=True)
     state, decision, event, jpeg = run(ws_session(srv, script))
     assert state["state"]["classes"] == [{"name": "A", "samples": 3}]
