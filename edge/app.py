@@ -210,7 +210,7 @@ class Box:
         try:
             self._turn()
         finally:
-            self._flush()
+            self._tell("flush")
 
     def _turn(self) -> None:
         self._drain()
@@ -664,11 +664,7 @@ class Box:
                             ts=time.time(), frame=self.frames, changed=changed)
         if self.panel is not None:   # as _show, with the info at hand (not recording here)
             self.panel.show(info.button if info is not None else None, confidence)
-        for out in self.outputs:
-            try:
-                out.decision(decision)
-            except Exception:
-                log.exception("output %s failed", type(out).__name__)
+        self._tell("decision", decision)
         return decision
 
     # --- outputs -----------------------------------------------------------------------------
@@ -697,20 +693,16 @@ class Box:
         if now - self._preview_at < PREVIEW_PERIOD:
             return
         self._preview_at = now
-        for out in self.outputs:
-            show = getattr(out, "preview", None)
-            if show is not None:
-                try:
-                    show(rgb)
-                except Exception:
-                    log.exception("output %s failed", type(out).__name__)
+        self._tell("preview", rgb)
 
-    def _flush(self) -> None:
+    def _tell(self, method: str, *args) -> None:
+        """The one fan-out: call `method` on every output that has it; a failing output is logged
+        and never stops the others or the loop."""
         for out in self.outputs:
-            flush = getattr(out, "flush", None)
-            if flush is not None:
+            call = getattr(out, method, None)
+            if call is not None:
                 try:
-                    flush()
+                    call(*args)
                 except Exception:
                     log.exception("output %s failed", type(out).__name__)
 
@@ -736,20 +728,10 @@ class Box:
             self.panel.set_status(self.fault or "ok")
 
     def _emit(self, event: dict) -> None:
-        event = dict(event, ts=time.time())
-        for out in self.outputs:
-            try:
-                out.event(event)
-            except Exception:
-                log.exception("output %s failed", type(out).__name__)
+        self._tell("event", dict(event, ts=time.time()))
 
     def _announce_state(self) -> None:
-        state = self.state()
-        for out in self.outputs:
-            try:
-                out.state(state)
-            except Exception:
-                log.exception("output %s failed", type(out).__name__)
+        self._tell("state", self.state())
 
 
 def bind_to_config(store: Store, classes) -> None:
