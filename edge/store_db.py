@@ -97,7 +97,8 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _short(model: object) -> str:
+def short_model(model: object) -> str:
+    """A model id as people read it in messages (its first 12 hex digits)."""
     return str(model)[:12]
 
 
@@ -216,7 +217,7 @@ class Folder:
             raise Bad("has samples of a class that does not exist")
         meta = dict(db.execute("SELECT key, value FROM meta"))
         if meta.get("model_id") != self.model_id:
-            raise Bad(f"was made with model {_short(meta.get('model_id'))}; this box runs {_short(self.model_id)}")
+            raise Bad(f"was made with model {short_model(meta.get('model_id'))}; this box runs {short_model(self.model_id)}")
         if meta.get("dim") != str(self.dim):
             raise Bad(f"holds {meta.get('dim')}-dim embeddings; this box uses {self.dim}")
         if not str(meta.get("last_burst", "")).isdigit():
@@ -241,9 +242,9 @@ class Folder:
                 SETTINGS[key](json.loads(value))
             except (KeyError, ValueError, RecursionError):
                 raise Bad(f"has a bad setting {rules.show(key)} = {rules.show(value)}") from None
-        for (blob,) in db.execute("SELECT embedding FROM samples"):
-            if not np.isfinite(np.frombuffer(blob, dtype="<f4")).all():
-                raise Bad("has NaN or infinite embeddings")
+        blobs = b"".join(r[0] for r in db.execute("SELECT embedding FROM samples"))
+        if not np.isfinite(np.frombuffer(blobs, dtype="<f4")).all():   # one check, not one per sample
+            raise Bad("has NaN or infinite embeddings")
 
     # --- internals ---------------------------------------------------------------------------------
 
@@ -388,37 +389,33 @@ class Folder:
     def _save_good(self, db: sqlite3.Connection) -> None:
         """Copy the checked database to knowledge.good.db (atomically), the state used if the next
         start finds the database damaged or breaking the rules."""
-        tmp = self.folder / f"{_TMP_PREFIX}{GOOD}"
         try:
-            dst = sqlite3.connect(str(tmp), isolation_level=None)
-            try:
-                db.backup(dst)
-                dst.execute("PRAGMA journal_mode = DELETE")
-            finally:
-                dst.close()
-            _fsync_file(tmp)
-            os.replace(tmp, self.folder / GOOD)
-            fsync_dir(self.folder)
+            self._copy_into(db, GOOD)
         except (OSError, sqlite3.Error) as e:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                (self.folder / f"{_TMP_PREFIX}{GOOD}").unlink()
             self._fault(f"could not save the last good copy: {why(e)}")
 
     def _restore_good(self) -> None:
         """knowledge.db := the last good copy (via a scratch file and a rename)."""
-        tmp = self.folder / f"{_TMP_PREFIX}{DB}"
         src = sqlite3.connect(f"file:{self.folder / GOOD}?mode=ro&immutable=1", uri=True)
         try:
-            dst = sqlite3.connect(str(tmp), isolation_level=None)
-            try:
-                src.backup(dst)
-                dst.execute("PRAGMA journal_mode = DELETE")
-            finally:
-                dst.close()
+            self._copy_into(src, DB)
         finally:
             src.close()
+
+    def _copy_into(self, src: sqlite3.Connection, name: str) -> None:
+        """The folder's file `name` := a copy of database src, atomically (a scratch file, fsync,
+        rename, fsync of the folder)."""
+        tmp = self.folder / f"{_TMP_PREFIX}{name}"
+        dst = sqlite3.connect(str(tmp), isolation_level=None)
+        try:
+            src.backup(dst)
+            dst.execute("PRAGMA journal_mode = DELETE")
+        finally:
+            dst.close()
         _fsync_file(tmp)
-        os.replace(tmp, self.path)
+        os.replace(tmp, self.folder / name)
         fsync_dir(self.folder)
 
     def _aside(self, names: Sequence[str], reason: str) -> Path:
@@ -447,8 +444,8 @@ class Folder:
             return
         if old.model_id != self.model_id or old.dim != self.dim:
             dest = self._aside(legacy_store.FILES, "other-model")
-            self._fault(f"old-format store was made with model {_short(old.model_id)} dim {old.dim}; this box "
-                        f"runs {_short(self.model_id)} dim {self.dim}; kept aside in {dest}")
+            self._fault(f"old-format store was made with model {short_model(old.model_id)} dim {old.dim}; this box "
+                        f"runs {short_model(self.model_id)} dim {self.dim}; kept aside in {dest}")
             return
         tmp = self.folder / f"{_TMP_PREFIX}{DB}"
         db = connect(tmp)

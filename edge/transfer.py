@@ -23,7 +23,7 @@ import numpy as np
 
 from edge import __version__, legacy_store, rules
 from edge.store import ClassInfo, Store
-from edge.store_db import MAX_THUMBNAIL_BYTES, SETTINGS, SOURCES, StoreError, fsync_dir, why
+from edge.store_db import MAX_THUMBNAIL_BYTES, SETTINGS, SOURCES, StoreError, fsync_dir, short_model, why
 
 FORMAT = legacy_store.FORMAT
 VERSION = 2
@@ -132,10 +132,6 @@ def apply(store: Store, imported: Imported) -> None:
         store.set_setting(key, value)
 
 
-def _short(model: object) -> str:
-    return str(model)[:12]
-
-
 def _read(store: Store, path: Path) -> Imported:
     bounds = limits(store)
     size = path.stat().st_size
@@ -165,8 +161,8 @@ def _read(store: Store, path: Path) -> Imported:
         raise _Refused(f"format version {rules.show(version)} is not supported (this edge reads 1 and "
                        f"{VERSION})" + ("; update edge" if newer else ""))
     if meta.get("model_id") != store.model_id:
-        raise _Refused(f"it was made with a different model ({_short(meta.get('model_id'))}; "
-                       f"this box runs {_short(store.model_id)})")
+        raise _Refused(f"it was made with a different model ({short_model(meta.get('model_id'))}; "
+                       f"this box runs {short_model(store.model_id)})")
     if meta.get("dim") != store.dim:
         raise _Refused(f"it holds {rules.show(meta.get('dim'))}-dim embeddings; this box uses {store.dim}")
     if version == 1:
