@@ -77,6 +77,41 @@ def test_set_class_undo_and_threshold_setting(two_classes):
     assert head.threshold != 0.42
 
 
+@pytest.mark.parametrize("kind", ["centroid", "knn"])
+def test_a_refit_after_changes_decides_like_a_fresh_head(kind):
+    """A refit keeps what depends on one class alone between refits: after recording, undo,
+    removing and re-teaching a class (and marking one "nothing"), it must decide exactly like a
+    head built from scratch on the same samples."""
+    rng = np.random.default_rng(5)
+    centres = [np.abs(rng.standard_normal(64)) * 3 for _ in range(4)]
+    mean = world_mean(rng)
+    head = Head(kind, mean=mean)
+    raw = {f"c{i}": blobs(rng, c, 12, noise=0.6) for i, c in enumerate(centres[:3])}
+    head.set_samples(raw)
+    head.threshold                                   # fit once, so the per-class parts exist
+    queries = np.vstack([blobs(rng, c, 6, noise=0.8) for c in centres])
+    steps = [lambda: raw.__setitem__("c0", np.vstack([raw["c0"], blobs(rng, centres[0], 5, 0.6)])),
+             lambda: raw.__setitem__("c1", raw["c1"][:4]),
+             lambda: raw.pop("c2"),
+             lambda: raw.__setitem__("c3", blobs(rng, centres[3], 9, noise=0.6)),
+             lambda: raw.__setitem__("c2", blobs(rng, centres[2], 3, noise=0.6))]
+    for step in steps:
+        step()
+        for name in set(head.labels) - set(raw):
+            head.set_class(name, np.zeros((0, 64), np.float32))
+        for name, vectors in raw.items():
+            head.set_class(name, vectors)
+        head.set_nothing(["c1"] if "c3" in raw else [])
+        fresh = Head(kind, mean=mean)
+        fresh.set_samples({n: raw[n] for n in head.labels})   # same class order as head's
+        fresh.set_nothing(head.nothing)
+        assert head.labels == fresh.labels
+        assert head.threshold == pytest.approx(fresh.threshold, abs=1e-6)
+        for a, b in zip(head.evaluate(queries), fresh.evaluate(queries)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        assert (head.predict(queries)[0] == fresh.predict(queries)[0]).all()
+
+
 def test_auto_threshold_follows_the_spread_of_the_samples():
     rng = np.random.default_rng(3)
     c = np.abs(rng.standard_normal(64)) * 3
