@@ -1,7 +1,9 @@
 """Head benchmarks, as ratios measured in one run (see benchmarks/README.md, docs/head.md).
 
   refit: the head's refit after a recording (set_class + fit) at 8 classes x 200 samples, the
-         Gram-matrix fit against the old SVD fit (tests/head_reference.py), and per invoke().
+         Gram-matrix fit against the old SVD fit (tests/head_reference.py), and per invoke();
+         with --against COMMIT also against edge/head.py as it was at that commit (read with
+         git show), e.g. --against 855533a^ : the head when issue 10 measured 136 ms.
   frame: one frame's head cost (evaluate + predict) with 5,000 stored samples / invoke(), and
          evaluate alone (what the box calls per frame).
 Times are medians; the two refits are interleaved, so other load on the machine hits both alike.
@@ -12,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +36,21 @@ def samples(rng, classes: int, per_class: int, dim: int) -> dict:
     return {f"c{i}": np.abs(rng.normal(0, 1, (per_class, dim))).astype(np.float32) for i in range(classes)}
 
 
+def head_at(commit: str):
+    """The Head class of edge/head.py at a git commit, loaded beside the current one."""
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:edge/head.py"],
+                            check=True, capture_output=True, text=True).stdout
+    module = types.ModuleType("head_at_commit")
+    sys.modules[module.__name__] = module          # dataclasses look their module up
+    exec(compile(source, f"{commit}:edge/head.py", "exec"), module.__dict__)
+    return module.Head
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--against", metavar="COMMIT", help="also time the head of this git commit")
     args = ap.parse_args()
     engine = Embedder(DEFAULT_MODEL, threads=args.threads)
     mean = load_reference(engine.path, engine.dim)
@@ -47,6 +62,8 @@ def main() -> None:
 
     data = samples(rng, 8, 200, engine.dim)
     heads = {"gram": Head(mean=mean), "svd": SvdHead(mean=mean)}
+    if args.against:
+        heads["against"] = head_at(args.against)(mean=mean)
     times = {name: [] for name in heads}
     for head in heads.values():
         head.set_samples(data)
@@ -60,6 +77,9 @@ def main() -> None:
         out[f"refit_{name}_ms"] = round(float(np.median(t[1:])) * 1000, 2)
     out["refit_gram_over_svd"] = round(out["refit_gram_ms"] / out["refit_svd_ms"], 3)
     out["refit_gram_over_invoke"] = round(out["refit_gram_ms"] / invoke, 3)
+    if args.against:
+        out["against"] = args.against
+        out["refit_gram_over_against"] = round(out["refit_gram_ms"] / out["refit_against_ms"], 3)
 
     big = samples(rng, 10, 500, engine.dim)
     frame = np.abs(rng.normal(0, 1, (1, engine.dim))).astype(np.float32)

@@ -177,7 +177,9 @@ class Head:
         means = np.stack([p["sum"] for p in parts]) / np.array([len(g) for g in groups], np.float32)[:, None]
         real = np.array([n not in self._nothing for n in labels])
         spread = np.flatnonzero(real) if real.any() else np.arange(len(groups))
-        white, choice = self._choice_fit(groups, means, spread)
+        per_class = max(1, MAX_FIT_ROWS // len(spread))
+        white, choice = self._choice_fit(groups, parts, spread_residuals(
+            [_residual_rows(parts[i], groups[i], per_class) for i in spread]))
         taught = [p for p, r in zip(parts, real) if r]
         distinct = sum(p["distinct"] for p in taught)
         if self.kind == "knn":     # whitened samples of all classes in one matrix
@@ -214,14 +216,13 @@ class Head:
     def _fixed_or(self, default: float) -> float:
         return default if self.threshold_setting == "auto" else float(self.threshold_setting)
 
-    def _choice_fit(self, groups, means, spread) -> tuple:
+    def _choice_fit(self, groups, parts, residuals) -> tuple:
         """(whitening function, class prototypes in the choice view): the spread comes from the
-        classes at indices `spread` ("nothing" classes left out), the prototypes from all of
-        `groups` (means: their class means)."""
-        basis, scale, inv_sqrt_lam = _whitener(spread_residuals([groups[i] for i in spread], means[spread]))
+        `spread_residuals` ("nothing" classes left out), the prototypes from all of `groups`."""
+        basis, scale, inv_sqrt_lam = _whitener(residuals)
         white = lambda q: l2_normalize(q * inv_sqrt_lam + ((q @ basis.T) * scale) @ basis)
         if self.kind == "centroid":
-            return white, _white_means(groups, basis, scale, inv_sqrt_lam)
+            return white, _white_means(groups, [p["sq"] for p in parts], basis, scale, inv_sqrt_lam)
         return white, [white(g) for g in groups]
 
     @property
@@ -347,17 +348,21 @@ def _knn_scores(index: dict, w: np.ndarray, k: int) -> np.ndarray:
     return _mean_of_best(exact, sizes, k)
 
 
-def spread_residuals(groups, means: np.ndarray) -> np.ndarray:
-    """Rows for the within-class spread: up to MAX_FIT_ROWS residuals (sample minus its class
-    mean), taken evenly from each class and weighted so every class counts the same: a class
-    recorded for long (200 near-duplicate frames) must not define the spread for all."""
-    per_class = max(1, MAX_FIT_ROWS // max(1, len(groups)))
-    parts = []
-    for g, m in zip(groups, means):
-        if len(g) > per_class:
-            g = g[np.linspace(0, len(g) - 1, per_class).astype(int)]
-        parts.append((g - m) / np.sqrt(len(g)))
-    return np.vstack(parts) * np.sqrt(sum(len(p) for p in parts) / len(parts))
+def _residual_rows(part: dict, g: np.ndarray, per_class: int) -> np.ndarray:
+    """One class's rows for the within-class spread: up to per_class of its samples, evenly
+    spaced, minus the class mean, scaled by 1/sqrt(their count); kept in its `_class_part`."""
+    cached = part.setdefault("residuals", {})
+    if per_class not in cached:
+        rows = g if len(g) <= per_class else g[np.linspace(0, len(g) - 1, per_class).astype(int)]
+        cached[per_class] = (rows - part["sum"] / np.float32(len(g))) / np.sqrt(len(rows))
+    return cached[per_class]
+
+
+def spread_residuals(blocks) -> np.ndarray:
+    """Rows for the within-class spread: each class's `_residual_rows` (up to MAX_FIT_ROWS in
+    all), weighted so every class counts the same: a class recorded for long (200
+    near-duplicate frames) must not define the spread for all."""
+    return np.vstack(blocks) * np.sqrt(sum(len(b) for b in blocks) / len(blocks))
 
 
 def _whitener(residuals: np.ndarray) -> tuple:
@@ -371,29 +376,31 @@ def _whitener(residuals: np.ndarray) -> tuple:
     dim = residuals.shape[1]
     if len(residuals) < 2 or not np.any(residuals):
         return np.zeros((0, dim), np.float32), np.zeros(0, np.float32), np.float32(1.0)
-    r = residuals.astype(np.float64)
-    eig, u = np.linalg.eigh(r @ r.T)
+    r = np.asarray(residuals, dtype=np.float32)
+    eig, u = np.linalg.eigh((r @ r.T).astype(np.float64))
     lam = max(SHRINK * float(np.clip(eig, 0, None).sum()) / len(r) / dim, 1e-12)
     keep = eig > max(float(eig[-1]), 0.0) * 1e-9
     eig, u = eig[keep], u[:, keep]
-    basis = (u.T @ r) / np.sqrt(eig)[:, None]
+    basis = (u.T.astype(np.float32) @ r) / np.sqrt(eig).astype(np.float32)[:, None]
     var = eig / len(r)
     scale = 1.0 / np.sqrt(var + lam) - 1.0 / np.sqrt(lam)
     return basis.astype(np.float32), scale.astype(np.float32), np.float32(1.0 / np.sqrt(lam))
 
 
-def _white_means(groups, basis, scale, a) -> np.ndarray:
-    """Unit-length class means of the whitened unit rows of each group.
+def _white_means(groups, squares, basis, scale, a) -> np.ndarray:
+    """Unit-length class means of the whitened unit rows of each group (squares: each group's
+    squared row lengths).
 
     Equal to averaging `white(g)` per class, with one projection instead of two: the rows of
     `basis` are orthonormal, so |a z + (P s) B|^2 = a^2 |z|^2 + sum_j (2 a s_j + s_j^2) P_j^2
     with P = z B^T, and the class sums need only P and z.
     """
     weight = 2 * a * scale + scale * scale
+    basis_t = np.ascontiguousarray(basis.T)      # one copy: faster products with each group
     sums_z, sums_p = [], []
-    for g in groups:
-        p = g @ basis.T
-        sq = (a * a) * np.einsum("ij,ij->i", g, g) + (p * p) @ weight
+    for g, g_g in zip(groups, squares):
+        p = g @ basis_t
+        sq = (a * a) * g_g + (p * p) @ weight
         w = 1.0 / np.sqrt(np.maximum(sq, 1e-24)) / len(g)
         sums_z.append(w @ g)
         sums_p.append(w @ p)
@@ -419,13 +426,15 @@ def _class_part(g: np.ndarray) -> dict:
     tells nothing of how far new views go ("own" is None when no sample has one)."""
     rows, dup = _loo_rows(g)
     total = g.sum(axis=0)
-    part = {"sum": total, "distinct": len(g) * float(np.mean(1.0 / dup.sum(axis=1))), "own": None}
+    part = {"sum": total, "sq": np.einsum("ij,ij->i", g, g), "distinct": len(g) * float(np.mean(1.0 / dup.sum(axis=1))), "own": None}
     keep = dup.sum(axis=1) < len(g)      # else only near-duplicates: one view, no score
     if keep.any():
         k_rows, k_dup = rows[keep], dup[keep]
         own = l2_normalize(total[None, :] - k_dup.astype(np.float32) @ g)
         scored = g[k_rows]
         part.update(own=own, rows=scored, gate=np.sum(own * scored, axis=1),
+                    ss=np.einsum("ij,ij->i", scored, scored).astype(np.float64),
+                    oo=np.einsum("ij,ij->i", own, own).astype(np.float64),
                     views=len(g) * float(np.mean(1.0 / k_dup.sum(axis=1))) * len(k_rows) / len(keep))
     return part
 
@@ -440,14 +449,33 @@ def _loo_scores(parts, centroids) -> tuple:
     for c, part in enumerate(parts):
         if part["own"] is None:
             continue
-        own, scored = part["own"], part["rows"]
         views += part["views"]
         gate.append(part["gate"])
         if n_classes >= 2:
-            shared_i = shared + (own - centroids[c]) / n_classes
-            rel.append(np.sum(l2_normalize(scored - shared_i) * l2_normalize(own - shared_i), axis=1))
+            rel.append(_relative_loo(part, shared, centroids[c], n_classes))
     cat = lambda v: np.concatenate(v) if v else np.zeros(0, np.float32)
     return cat(gate), cat(rel), views
+
+
+def _relative_loo(part: dict, shared: np.ndarray, centroid: np.ndarray, n_classes: int) -> np.ndarray:
+    """Relative scores of a class's leave-one-out rows s: the cosine of s - h to o - h, where o
+    is the row's own leave-one-out centroid and h = shared + (o - centroid) / n_classes the mean
+    of the class centroids with o in the class's place. Written out in dot products of s and o
+    with shared and centroid (and the cached s.o, |s|^2, |o|^2): four matrix-vector products per
+    class instead of two (rows x dim) differences and normalisations per refit."""
+    both = np.stack([shared, centroid], axis=1)
+    s_h, s_c = (part["rows"] @ both).astype(np.float64).T
+    o_h, o_c = (part["own"] @ both).astype(np.float64).T
+    s_o, s_s, o_o = part["gate"].astype(np.float64), part["ss"], part["oo"]
+    h_h, h_c, c_c = (float(np.dot(a, b)) for a, b in ((shared, shared), (shared, centroid), (centroid, centroid)))
+    n = float(n_classes)
+    s_i = s_h + (s_o - s_c) / n                                  # s . h
+    o_i = o_h + (o_o - o_c) / n                                  # o . h
+    i_i = h_h + 2 * (o_h - h_c) / n + (o_o - 2 * o_c + c_c) / n ** 2   # h . h
+    u_v = s_o - s_i - o_i + i_i
+    u_u = np.maximum(s_s - 2 * s_i + i_i, 0.0)
+    v_v = np.maximum(o_o - 2 * o_i + i_i, 0.0)
+    return (u_v / (np.maximum(np.sqrt(u_u), 1e-12) * np.maximum(np.sqrt(v_v), 1e-12))).astype(np.float32)
 
 
 def _budget_threshold(values: np.ndarray, budget: float, n: Optional[float] = None) -> float:

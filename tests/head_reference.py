@@ -4,7 +4,7 @@ compare the fast fit against (same residual rows)."""
 
 import numpy as np
 
-from edge.head import SHRINK, Head, l2_normalize, spread_residuals
+from edge.head import SHRINK, Head, l2_normalize
 
 
 def svd_whitener(residuals):
@@ -22,8 +22,8 @@ class SvdHead(Head):
     """Head whose choice view is fitted the old way (SVD of up to 256 x dim residuals, then every
     sample whitened and averaged)."""
 
-    def _choice_fit(self, groups, means, spread):
-        basis, scale, inv_sqrt_lam = svd_whitener(spread_residuals([groups[i] for i in spread], means[spread]))
+    def _choice_fit(self, groups, parts, residuals):
+        basis, scale, inv_sqrt_lam = svd_whitener(residuals)
         white = lambda q: l2_normalize(q * inv_sqrt_lam + ((q @ basis.T) * scale) @ basis)
         if self.kind == "centroid":
             return white, l2_normalize(np.stack([white(g).mean(axis=0) for g in groups]))
