@@ -433,7 +433,7 @@ def _class_part(g: np.ndarray) -> dict:
         own = l2_normalize(total[None, :] - k_dup.astype(np.float32) @ g)
         scored = g[k_rows]
         part.update(own=own, rows=scored, gate=np.sum(own * scored, axis=1),
-                    ss=np.einsum("ij,ij->i", scored, scored).astype(np.float64),
+                    ss=part["sq"][k_rows].astype(np.float64),
                     oo=np.einsum("ij,ij->i", own, own).astype(np.float64),
                     views=len(g) * float(np.mean(1.0 / k_dup.sum(axis=1))) * len(k_rows) / len(keep))
     return part
