@@ -80,21 +80,24 @@ def read_only_error(e: BaseException) -> bool:
             or "readonly" in text or "read-only" in text)
 
 
+def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new file in `path` durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def replace_durably(tmp: Path, dest: Path) -> None:
+    """dest := the finished file tmp, surviving a power cut: fsync it, rename, fsync the folder."""
+    _fsync(tmp)
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)
 
 
 def short_model(model: object) -> str:
@@ -414,9 +417,7 @@ class Folder:
             dst.execute("PRAGMA journal_mode = DELETE")
         finally:
             dst.close()
-        _fsync_file(tmp)
-        os.replace(tmp, self.folder / name)
-        fsync_dir(self.folder)
+        replace_durably(tmp, self.folder / name)
 
     def _aside(self, names: Sequence[str], reason: str) -> Path:
         """Move files into aside/<timestamp>-<reason>/ (a rename, never a delete)."""
@@ -460,9 +461,7 @@ class Folder:
         for suffix in ("-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 (self.folder / f"{tmp.name}{suffix}").unlink()
-        _fsync_file(tmp)
-        os.replace(tmp, self.path)
-        fsync_dir(self.folder)
+        replace_durably(tmp, self.path)
         dest = self._aside(legacy_store.FILES, "migrated")
         counts = {name: len(rows) for name, rows in old.classes.items()}
         log.info("%s: migrated the old-format store %s; old files kept in %s", self.folder, counts, dest)

@@ -23,7 +23,7 @@ import numpy as np
 
 from edge import __version__, legacy_store, rules
 from edge.store import ClassInfo, Store
-from edge.store_db import MAX_THUMBNAIL_BYTES, SETTINGS, SOURCES, StoreError, fsync_dir, short_model, why
+from edge.store_db import MAX_THUMBNAIL_BYTES, SETTINGS, SOURCES, StoreError, replace_durably, short_model, why
 
 FORMAT = legacy_store.FORMAT
 VERSION = 2
@@ -90,11 +90,8 @@ def export(store: Store, path: Path, thumbnails: bool = False) -> None:
                         member.write(b.tobytes())
                 if thumbnails:
                     zf.writestr(THUMBNAILS, b"".join(thumbs))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_durably(Path(tmp), path)
         tmp = None
-        fsync_dir(path.parent)
     except OSError as e:
         raise StoreError(f"could not export to {path}: {why(e)}") from None
     finally:
