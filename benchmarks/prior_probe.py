@@ -1,0 +1,156 @@
+"""Probe for issue 12's open point (3 classes at 10 shots, +1 point over the plain centroid):
+does a *generic* prior of within-class spread help the choice?
+
+  python benchmarks/prior_probe.py [--cache DIR] [--trials 100] [--seeds 0 1 2]
+
+The prior is the spread of augmented views (crops 55-100 %, mirror, +-15 degrees, brightness,
+contrast, colour) of the reference photos (even half of calibration/imagenet-sample plus the
+registry photos: what `head_eval.py` builds the reference mean from), so it knows nothing of the
+evaluation set. A variant "aA sS pP" whitens the gate view by
+  S_w (the trial's pooled within-class spread) + A * (tr S_w / tr C) * C + S * (tr S_w / dim) * I
+(C the prior) and blends the plain cosine with weight P; the head and the plain L2 centroid run
+on the same draws. Prints accuracy, gain in points over the plain centroid and its standard error
+(paired over trials). A probe, not the box's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import head_eval  # noqa: E402
+from edge.engine import DEFAULT_MODEL, Embedder  # noqa: E402
+from edge.head import Head, gate_features, l2_normalize, plain_centroid_predict  # noqa: E402
+from edge.image import IMAGE_SUFFIXES, load_image  # noqa: E402
+
+VIEWS = 8
+
+
+def augmented(root: Path, cache: Path | None) -> np.ndarray:
+    """(photos, VIEWS, dim) embeddings of augmented reference photos."""
+    engine = Embedder(DEFAULT_MODEL, threads=None)
+    path = cache / f"prior_probe_{engine.model_id[:16]}.npy" if cache else None
+    if path and path.exists():
+        return np.load(path)
+    cal = root / "calibration"
+    photos = sorted(p for p in (cal / "imagenet-sample").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    registry = sorted(p for p in (cal / "registry-photos").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = photos[0::2] + registry
+    out = np.zeros((len(files), VIEWS, engine.embed(load_image(files[0])).shape[-1]), np.float32)
+    for i, f in enumerate(files):
+        img = load_image(f).convert("RGB")
+        rng = np.random.default_rng([7, i])
+        for j in range(VIEWS):
+            w, h = img.size
+            s = rng.uniform(0.55, 1.0)
+            cw, ch = int(w * s), int(h * s)
+            x0, y0 = int(rng.uniform(0, w - cw + 1)), int(rng.uniform(0, h - ch + 1))
+            v = img.crop((x0, y0, x0 + cw, y0 + ch))
+            v = ImageOps.mirror(v) if rng.random() < 0.5 else v
+            v = v.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR)
+            for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast):
+                v = enhance(v).enhance(rng.uniform(0.7, 1.3))
+            v = ImageEnhance.Color(v).enhance(rng.uniform(0.6, 1.4))
+            out[i, j] = engine.embed(v)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, out)
+    return out
+
+
+def draws(train, test, names, shots, classes, trials, seed):
+    """The same draws as edge.evaluate.run_trials (no holdout)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(trials):
+        order = list(rng.permutation(len(names)))
+        known = [names[i] for i in sorted(order[:classes or len(names)])]
+        taught, q, t = {}, [], []
+        for ci, c in enumerate(known):
+            taught[c] = train[c][rng.permutation(len(train[c]))[:shots]]
+            q.append(test[c])
+            t.append(np.full(len(test[c]), ci))
+        yield taught, np.vstack(q), np.concatenate(t)
+
+
+def prior_variant(prior: tuple, mean: np.ndarray, alpha: float, shrink: float, plain: float):
+    """The variant as a predict function. Cosines in a whitened view depend only on P = S^-1
+    (any W with W^T W = P gives them), and S is the fixed prior part M (eigendecomposed once:
+    it only scales with tr S_w) plus the trial's low-rank S_w = R^T R / n, so P comes from
+    Woodbury's identity with an n x n solve."""
+    vals, vecs = prior
+
+    def predict(taught, q):
+        groups = [gate_features(v, mean).astype(np.float64) for v in taught.values()]
+        r = np.vstack([g - g.mean(0) for g in groups])
+        n, dim = r.shape
+        tr = float(np.sum(r * r)) / n
+        m_inv = 1.0 / (tr * (alpha * vals / vals.sum() + shrink / dim))   # M's eigenvalues, inverted
+        apply_m = lambda x: ((x @ vecs) * m_inv) @ vecs.T                # x M^-1
+        rm = apply_m(r)
+        core = np.linalg.solve(n * np.eye(n) + rm @ r.T, rm)
+        apply_p = lambda x: apply_m(x) - (x @ rm.T) @ core                # x S^-1
+        rows = np.vstack(groups)
+        pr = apply_p(rows)
+        unit = pr / np.sqrt(np.sum(pr * rows, axis=1, keepdims=True))    # P g / |W g|
+        sizes = np.cumsum([0] + [len(g) for g in groups])
+        cents = np.stack([unit[a:b].mean(0) for a, b in zip(sizes[:-1], sizes[1:])])  # P c_w
+        cw = np.stack([rows[a:b].T @ (1.0 / np.sqrt(np.sum(pr[a:b] * rows[a:b], axis=1))) / (b - a)
+                       for a, b in zip(sizes[:-1], sizes[1:])])          # c_w, unwhitened
+        c_len = np.sqrt(np.sum(cents * cw, axis=1))
+        x = gate_features(q, mean).astype(np.float64)
+        x_len = np.sqrt(np.sum(apply_p(x) * x, axis=1))
+        white = (x @ cents.T) / x_len[:, None] / c_len[None, :]
+        plain_c = l2_normalize(np.stack([l2_normalize(v).mean(0) for v in taught.values()]))
+        return ((1 - plain) * white + plain * (l2_normalize(q) @ plain_c.T)).argmax(1)
+    return predict
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", type=Path)
+    ap.add_argument("--trials", type=int, default=100)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--shots", type=int, default=10)
+    ap.add_argument("--classes", type=int, default=3)
+    args = ap.parse_args()
+    root = Path(os.environ.get("EDGE_DATASETS", REPO.parent / "shared" / "datasets"))
+    e = head_eval.embeddings(root, args.cache)
+    names = sorted(k.split("/")[1] for k in e if k.startswith("train/"))
+    train, test, mean = {c: e[f"train/{c}"] for c in names}, {c: e[f"test/{c}"] for c in names}, e["mean"]
+    aug = augmented(root, args.cache)
+    g = gate_features(aug.reshape(-1, aug.shape[-1]), mean).reshape(aug.shape)
+    r = (g - g.mean(axis=1, keepdims=True)).reshape(-1, aug.shape[-1]).astype(np.float64)
+    prior = np.linalg.eigh(r.T @ r / len(r))
+
+    def head(taught, q):
+        h = Head(mean=mean)
+        h.set_samples(taught)
+        return h.predict_closed(q)
+
+    variants = {"plain centroid": plain_centroid_predict, "head": head}
+    for alpha, shrink, plain in ((0, 3, 0), (3, 3, 0), (1, 1, 0.4), (3, 3, 0.4), (10, 3, 0.4), (10, 10, 0.4)):
+        variants[f"a{alpha} s{shrink} p{plain}"] = prior_variant(prior, mean, alpha, shrink, plain)
+    acc = {k: [] for k in variants}
+    for seed in args.seeds:
+        for taught, q, t in draws(train, test, names, args.shots, args.classes, args.trials, seed):
+            for k, f in variants.items():
+                acc[k].append(float((f(taught, q) == t).mean()))
+    base = np.array(acc["plain centroid"])
+    print(f"{args.shots} shots, {args.classes or 'all'} classes, {len(base)} trials (seeds {args.seeds})\n")
+    print("| variant | accuracy | gain (points) | s.e. |\n| --- | --- | --- | --- |")
+    for k, v in acc.items():
+        d = 100 * (np.array(v) - base)
+        print(f"| {k} | {np.mean(v):.4f} | {d.mean():+.2f} | {d.std() / np.sqrt(len(d)):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
