@@ -30,6 +30,14 @@ from edge.image import IMAGE_SUFFIXES  # noqa: E402
 BURST = 5
 
 
+def reference_files(root: Path) -> tuple:
+    """(photos the reference mean is built from, photos shown as unrelated): the even half of
+    calibration/imagenet-sample plus the registry photos, and its odd half."""
+    photos = sorted(p for p in (root / "calibration" / "imagenet-sample").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    registry = sorted(p for p in (root / "calibration" / "registry-photos").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return photos[0::2] + registry, photos[1::2]
+
+
 def embeddings(root: Path, cache: Path | None) -> dict:
     engine = Embedder(DEFAULT_MODEL, threads=None)
     path = cache / f"head_eval_{engine.model_id[:16]}.npz" if cache else None
@@ -41,11 +49,10 @@ def embeddings(root: Path, cache: Path | None) -> dict:
             out[f"{split}/{c}"] = embed_files(files, engine.embed)
             if split == "train":
                 out[f"burst/{c}"] = embed_bursts(files, engine.embed, BURST)
-    photos = sorted(p for p in (root / "calibration" / "imagenet-sample").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    registry = sorted(p for p in (root / "calibration" / "registry-photos").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    base = np.vstack([embed_files(photos[0::2], engine.embed), embed_files(registry, engine.embed)])
+    base_files, unknown_files = reference_files(root)
+    base = embed_files(base_files, engine.embed)
     out["mean"] = signed_sqrt(base).mean(axis=0)
-    out["unknown"] = embed_files(photos[1::2], engine.embed)
+    out["unknown"] = embed_files(unknown_files, engine.embed)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, **out)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import head_eval  # noqa: E402
 from edge.engine import DEFAULT_MODEL, Embedder  # noqa: E402
 from edge.head import Head, gate_features, l2_normalize, plain_centroid_predict  # noqa: E402
-from edge.image import IMAGE_SUFFIXES, load_image  # noqa: E402
+from edge.image import load_image  # noqa: E402
 
 VIEWS = 8
 
@@ -41,15 +41,11 @@ def augmented(root: Path, cache: Path | None) -> np.ndarray:
     path = cache / f"prior_probe_{engine.model_id[:16]}.npy" if cache else None
     if path and path.exists():
         return np.load(path)
-    cal = root / "calibration"
-    photos = sorted(p for p in (cal / "imagenet-sample").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    registry = sorted(p for p in (cal / "registry-photos").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    files = photos[0::2] + registry
-    out = np.zeros((len(files), VIEWS, engine.embed(load_image(files[0])).shape[-1]), np.float32)
-    for i, f in enumerate(files):
+    views = []
+    for i, f in enumerate(head_eval.reference_files(root)[0]):
         img = load_image(f).convert("RGB")
         rng = np.random.default_rng([7, i])
-        for j in range(VIEWS):
+        for _ in range(VIEWS):
             w, h = img.size
             s = rng.uniform(0.55, 1.0)
             cw, ch = int(w * s), int(h * s)
@@ -60,7 +56,8 @@ def augmented(root: Path, cache: Path | None) -> np.ndarray:
             for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast):
                 v = enhance(v).enhance(rng.uniform(0.7, 1.3))
             v = ImageEnhance.Color(v).enhance(rng.uniform(0.6, 1.4))
-            out[i, j] = engine.embed(v)
+            views.append(engine.embed(v))
+    out = np.array(views, np.float32).reshape(-1, VIEWS, views[0].shape[-1])
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, out)
@@ -100,11 +97,10 @@ def prior_variant(prior: tuple, mean: np.ndarray, alpha: float, shrink: float, p
         apply_p = lambda x: apply_m(x) - (x @ rm.T) @ core                # x S^-1
         rows = np.vstack(groups)
         pr = apply_p(rows)
-        unit = pr / np.sqrt(np.sum(pr * rows, axis=1, keepdims=True))    # P g / |W g|
-        sizes = np.cumsum([0] + [len(g) for g in groups])
-        cents = np.stack([unit[a:b].mean(0) for a, b in zip(sizes[:-1], sizes[1:])])  # P c_w
-        cw = np.stack([rows[a:b].T @ (1.0 / np.sqrt(np.sum(pr[a:b] * rows[a:b], axis=1))) / (b - a)
-                       for a, b in zip(sizes[:-1], sizes[1:])])          # c_w, unwhitened
+        inv_len = 1.0 / np.sqrt(np.sum(pr * rows, axis=1, keepdims=True))   # 1 / |W g|
+        ends = np.cumsum([len(g) for g in groups])[:-1]
+        cw = np.stack([b.mean(0) for b in np.split(rows * inv_len, ends)])    # c_w, unwhitened
+        cents = np.stack([b.mean(0) for b in np.split(pr * inv_len, ends)])   # P c_w
         c_len = np.sqrt(np.sum(cents * cw, axis=1))
         x = gate_features(q, mean).astype(np.float64)
         x_len = np.sqrt(np.sum(apply_p(x) * x, axis=1))
