@@ -3,7 +3,8 @@
   refit: the head's refit after a recording (set_class + fit) at 8 classes x 200 samples, the
          Gram-matrix fit against the old SVD fit (tests/head_reference.py), and per invoke();
          with --against COMMIT also against edge/head.py as it was at that commit (read with
-         git show), e.g. --against 855533a^ : the head when issue 10 measured 136 ms.
+         git show), e.g. --against 855533a^ : the head when issue 10 measured 136 ms; then
+         also its per-frame `evaluate` time and the largest choice-score difference.
   frame: one frame's head cost (evaluate + predict) with 5,000 stored samples / invoke(), and
          evaluate alone (what the box calls per frame).
 Times are medians; the two refits are interleaved, so other load on the machine hits both alike.
@@ -93,6 +94,14 @@ def main() -> None:
         # what the box does per frame (Box.process): one evaluate, the smoother decides
         ms = median_ms(lambda: head.evaluate(frame), args.runs * 4, warmup=1)
         out[f"evaluate_{kind}_5000_over_invoke"] = round(ms / invoke, 4)
+        if args.against:            # the same frame through the older head: its cost, its scores
+            other = head_at(args.against)(kind, mean=mean)
+            other.set_samples(big)
+            other.evaluate(frame)
+            out[f"evaluate_{kind}_5000_ms"] = round(ms, 4)
+            out[f"evaluate_{kind}_5000_against_ms"] = round(median_ms(lambda: other.evaluate(frame), args.runs * 4, warmup=1), 4)
+            rows = big["c0"][:50]
+            out[f"choice_{kind}_max_difference_against"] = float(np.abs(head.evaluate(rows)[0] - other.evaluate(rows)[0]).max())
     print(json.dumps(out, indent=1))
 
 

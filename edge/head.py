@@ -16,6 +16,7 @@ so a class does not win by sample count).
 
 from __future__ import annotations
 
+from itertools import count
 from statistics import NormalDist
 from typing import Dict, List, Optional
 
@@ -42,6 +43,8 @@ FALLBACK_THRESHOLD = 0.3
 MIN_LOO = 4
 # Rows used to estimate the within-class spread (keeps re-fitting fast with thousands of samples).
 MAX_FIT_ROWS = 256
+# Names each class part (`_class_part`): the key of its residual rows in other parts' kept products.
+_SERIALS = count()
 # Near-duplicates: samples of one class whose gate cosine reaches DUPLICATE count as views of one
 # thing (frames of one burst, 1/6 s apart). On clothing-small, 5 views of one photo have cosines
 # 0.81-0.95 (1st-75th percentile), different photos of one class 0.38-0.78 (median to 99.9th).
@@ -178,14 +181,12 @@ class Head:
         real = np.array([n not in self._nothing for n in labels])
         spread = np.flatnonzero(real) if real.any() else np.arange(len(groups))
         per_class = max(1, MAX_FIT_ROWS // len(spread))
-        white, choice = self._choice_fit(groups, parts, spread_residuals(
-            [_residual_rows(parts[i], groups[i], per_class) for i in spread]))
+        score = self._choice_fit(groups, parts, [((parts[i]["serial"], per_class),
+                                                  _residual_rows(parts[i], groups[i], per_class)) for i in spread])
         taught = [p for p, r in zip(parts, real) if r]
         distinct = sum(p["distinct"] for p in taught)
-        if self.kind == "knn":     # whitened samples of all classes in one matrix
-            choice = _knn_index(choice)
         centroids = l2_normalize(means)
-        fit = {"labels": labels, "centroids": centroids, "white": white, "choice": choice,
+        fit = {"labels": labels, "centroids": centroids, "score": score,
                "plain": l2_normalize(np.stack([self._plain[n] for n in labels])),
                "plain_weight": PLAIN_SAMPLES / (PLAIN_SAMPLES + (distinct if taught else sum(map(len, groups)))),
                "nothing": ~real, "threshold": self._fixed_or(FALLBACK_THRESHOLD), "relative": None}
@@ -216,14 +217,19 @@ class Head:
     def _fixed_or(self, default: float) -> float:
         return default if self.threshold_setting == "auto" else float(self.threshold_setting)
 
-    def _choice_fit(self, groups, parts, residuals) -> tuple:
-        """(whitening function, class prototypes in the choice view): the spread comes from the
-        `spread_residuals` ("nothing" classes left out), the prototypes from all of `groups`."""
-        basis, scale, inv_sqrt_lam = _whitener(residuals)
-        white = lambda q: l2_normalize(q * inv_sqrt_lam + ((q @ basis.T) * scale) @ basis)
+    def _choice_fit(self, groups, parts, blocks):
+        """The choice view's scoring function, gate-view rows (N, dim) -> scores (N, C): the
+        spread comes from `blocks`, (key, `_residual_rows`) of the classes that define it
+        ("nothing" classes left out), the prototypes from all of `groups`. See `_Metric` for how
+        it whitens without whitening; each class's products with the residual rows are kept in
+        its part (`_products`), so a refit computes only those of the classes that changed."""
+        factor = spread_factor([b for _, b in blocks])
+        metric = _Metric(np.vstack([b for _, b in blocks]) * factor)
+        products = [_products(p, g, blocks) * factor for g, p in zip(groups, parts)]
         if self.kind == "centroid":
-            return white, _white_means(groups, [p["sq"] for p in parts], basis, scale, inv_sqrt_lam)
-        return white, [white(g) for g in groups]
+            return metric.cosines_to(metric.class_means(groups, [p["sq"] for p in parts], products))
+        index = _knn_index([metric.unit_rows(g, p["sq"], u) for g, p, u in zip(groups, parts, products)])
+        return lambda q: _knn_scores(index, metric.unit_queries(q), self.k)
 
     @property
     def threshold(self) -> float:
@@ -234,11 +240,7 @@ class Head:
 
     def choice_scores(self, g: np.ndarray) -> np.ndarray:
         """Per-class scores in the whitened view for gate-view rows g: shape (N, C)."""
-        fit = self._ensure_fit()
-        w = fit["white"](g)
-        if self.kind == "centroid":
-            return w @ fit["choice"].T
-        return _knn_scores(fit["choice"], w, self.k)
+        return self._ensure_fit()["score"](g)
 
     def evaluate(self, x: np.ndarray) -> tuple:
         """(choice scores (N, C), gate scores (N, C)) for raw embeddings x."""
@@ -354,57 +356,85 @@ def _residual_rows(part: dict, g: np.ndarray, per_class: int) -> np.ndarray:
     cached = part.setdefault("residuals", {})
     if per_class not in cached:
         rows = g if len(g) <= per_class else g[np.linspace(0, len(g) - 1, per_class).astype(int)]
-        cached[per_class] = (rows - part["sum"] / np.float32(len(g))) / np.sqrt(len(rows))
+        cached[per_class] = ((rows - part["sum"] / np.float32(len(g))) / np.sqrt(len(rows))).astype(np.float32)
     return cached[per_class]
 
 
-def spread_residuals(blocks) -> np.ndarray:
-    """Rows for the within-class spread: each class's `_residual_rows` (up to MAX_FIT_ROWS in
-    all), weighted so every class counts the same: a class recorded for long (200
+def spread_factor(blocks) -> float:
+    """The weight of the rows for the within-class spread, each class's `_residual_rows` (up to
+    MAX_FIT_ROWS in all), so that every class counts the same: a class recorded for long (200
     near-duplicate frames) must not define the spread for all."""
-    return np.vstack(blocks) * np.sqrt(sum(len(b) for b in blocks) / len(blocks))
+    return float(np.sqrt(sum(len(b) for b in blocks) / len(blocks)))
 
 
-def _whitener(residuals: np.ndarray) -> tuple:
-    """Shrunk within-class whitening as (basis, per-direction scale, 1/sqrt(lambda)).
+def _products(part: dict, g: np.ndarray, blocks) -> np.ndarray:
+    """g's products with every class's residual rows (`blocks`: (key, rows)), side by side;
+    kept in g's part per block key, so a refit after one class changed computes only the
+    products of that class's samples and of its residual rows (benchmarks/README.md)."""
+    old = part.get("products", {})
+    kept = {key: old[key] if key in old else g @ rows.T for key, rows in blocks}
+    part["products"] = kept
+    return np.hstack([kept[key] for key, _ in blocks]) if blocks else np.zeros((len(g), 0), np.float32)
 
-    The directions and variances are those of an SVD of the residuals (n x dim, n <= 256), found
-    from the n x n Gram matrix instead: R R^T = U S^2 U^T gives the same S and V^T = S^-1 U^T R,
-    at a fraction of the cost (docs/head.md). Directions with ~zero variance are dropped; their
-    scale would be ~0 anyway (only the shrinkage acts there).
+
+class _Metric:
+    """Cosines in the view whitened by the shrunk within-class spread S = R^T R / n + lambda I
+    (R: the n <= MAX_FIT_ROWS residual rows, lambda = SHRINK x their mean variance), without
+    whitening anything.
+
+    The whitened cosine of x and y is x^T P y / (|x|_P |y|_P) with P = S^-1, and by Woodbury's
+    identity lambda P = I - R^T K R with K = (n lambda I + R R^T)^-1, an n x n inverse. So a row
+    needs only its n products with R (u = R x): x^T P y ~ x.y - u_x K u_y. The eigendecomposition
+    of R R^T and the projection of every sample on its basis that whitening needed were two
+    thirds of a refit (benchmarks/README.md, "2026-12-07").
     """
-    dim = residuals.shape[1]
-    if len(residuals) < 2 or not np.any(residuals):
-        return np.zeros((0, dim), np.float32), np.zeros(0, np.float32), np.float32(1.0)
-    r = np.asarray(residuals, dtype=np.float32)
-    eig, u = np.linalg.eigh((r @ r.T).astype(np.float64))
-    lam = max(SHRINK * float(np.clip(eig, 0, None).sum()) / len(r) / dim, 1e-12)
-    keep = eig > max(float(eig[-1]), 0.0) * 1e-9
-    eig, u = eig[keep], u[:, keep]
-    basis = (u.T.astype(np.float32) @ r) / np.sqrt(eig).astype(np.float32)[:, None]
-    var = eig / len(r)
-    scale = 1.0 / np.sqrt(var + lam) - 1.0 / np.sqrt(lam)
-    return basis.astype(np.float32), scale.astype(np.float32), np.float32(1.0 / np.sqrt(lam))
 
+    def __init__(self, residuals: np.ndarray):
+        r = np.asarray(residuals, dtype=np.float32)
+        self.rows = r
+        n, dim = r.shape
+        if n < 2 or not np.any(r):     # no spread known: plain cosines
+            self.k = np.zeros((n, n), np.float32)
+            return
+        gram = r @ r.T
+        lam = max(SHRINK * float(np.trace(gram, dtype=np.float64)) / n / dim, 1e-12)
+        # float32 is enough: the eigenvalues lie between n lambda and n lambda + trace, a
+        # condition number of at most 1 + dim / SHRINK (129)
+        self.k = np.linalg.inv(gram + np.float32(n * lam) * np.eye(n, dtype=np.float32))
 
-def _white_means(groups, squares, basis, scale, a) -> np.ndarray:
-    """Unit-length class means of the whitened unit rows of each group (squares: each group's
-    squared row lengths).
+    def _parts(self, x: np.ndarray, squares: np.ndarray, u: Optional[np.ndarray] = None) -> tuple:
+        """(u K for each row of x, |x|_P per row (up to the common factor)); squares: |x|^2,
+        u: the rows' products with the residual rows when known."""
+        u = x @ self.rows.T if u is None else u
+        uk = u @ self.k
+        return uk, np.sqrt(np.maximum(squares - np.einsum("ij,ij->i", uk, u), 1e-24))
 
-    Equal to averaging `white(g)` per class, with one projection instead of two: the rows of
-    `basis` are orthonormal, so |a z + (P s) B|^2 = a^2 |z|^2 + sum_j (2 a s_j + s_j^2) P_j^2
-    with P = z B^T, and the class sums need only P and z.
-    """
-    weight = 2 * a * scale + scale * scale
-    basis_t = np.ascontiguousarray(basis.T)      # one copy: faster products with each group
-    sums_z, sums_p = [], []
-    for g, g_g in zip(groups, squares):
-        p = g @ basis_t
-        sq = (a * a) * g_g + (p * p) @ weight
-        w = 1.0 / np.sqrt(np.maximum(sq, 1e-24)) / len(g)
-        sums_z.append(w @ g)
-        sums_p.append(w @ p)
-    return l2_normalize(a * np.stack(sums_z) + (np.stack(sums_p) * scale) @ basis)
+    def class_means(self, groups, squares, products) -> np.ndarray:
+        """Each group's mean of its rows scaled to unit whitened length, as rows in the
+        unwhitened view: what averaging whitened unit rows gives, before whitening."""
+        return np.stack([(1.0 / self._parts(g, g_g, u)[1] / len(g)).astype(np.float32) @ g
+                         for g, g_g, u in zip(groups, squares, products)])
+
+    def cosines_to(self, means: np.ndarray):
+        """The function rows q -> their whitened cosines (N, C) to the rows `means`."""
+        lengths = self._parts(means, np.einsum("ij,ij->i", means, means))[1]
+        means = (means / lengths[:, None]).astype(np.float32)
+        rows_means = self.rows @ means.T
+
+        def cosines(q: np.ndarray) -> np.ndarray:
+            uk, q_len = self._parts(q, np.einsum("ij,ij->i", q, q))
+            return ((q @ means.T - uk @ rows_means) / q_len[:, None]).astype(np.float32)
+        return cosines
+
+    def unit_rows(self, g: np.ndarray, squares: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """Rows scaled to unit whitened length (k-NN's stored side)."""
+        return (g / self._parts(g, squares, u)[1][:, None]).astype(np.float32)
+
+    def unit_queries(self, q: np.ndarray) -> np.ndarray:
+        """P q scaled to unit whitened length (k-NN's query side): its dot product with a
+        `unit_rows` row is their whitened cosine."""
+        uk, q_len = self._parts(q, np.einsum("ij,ij->i", q, q))
+        return ((q - uk @ self.rows) / q_len[:, None]).astype(np.float32)
 
 
 def _loo_rows(g: np.ndarray) -> tuple:
@@ -426,7 +456,8 @@ def _class_part(g: np.ndarray) -> dict:
     tells nothing of how far new views go ("own" is None when no sample has one)."""
     rows, dup = _loo_rows(g)
     total = g.sum(axis=0)
-    part = {"sum": total, "sq": np.einsum("ij,ij->i", g, g), "distinct": len(g) * float(np.mean(1.0 / dup.sum(axis=1))), "own": None}
+    part = {"sum": total, "sq": np.einsum("ij,ij->i", g, g), "distinct": len(g) * float(np.mean(1.0 / dup.sum(axis=1))),
+            "own": None, "serial": next(_SERIALS)}
     keep = dup.sum(axis=1) < len(g)      # else only near-duplicates: one view, no score
     if keep.any():
         k_rows, k_dup = rows[keep], dup[keep]

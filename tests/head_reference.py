@@ -1,10 +1,10 @@
-"""The head's fit as it was before the Gram-matrix refit (one SVD of the residuals, then every
-sample whitened and averaged): the oracle that tests/test_evaluate.py and benchmarks/head_bench.py
+"""The head's fit as it was before the Gram-matrix refit and its Woodbury form (one SVD of the
+residuals, then every sample whitened and averaged): the oracle that tests/test_evaluate.py and benchmarks/head_bench.py
 compare the fast fit against (same residual rows)."""
 
 import numpy as np
 
-from edge.head import SHRINK, Head, l2_normalize
+from edge.head import SHRINK, Head, _knn_index, _knn_scores, l2_normalize, spread_factor
 
 
 def svd_whitener(residuals):
@@ -22,9 +22,12 @@ class SvdHead(Head):
     """Head whose choice view is fitted the old way (SVD of up to 256 x dim residuals, then every
     sample whitened and averaged)."""
 
-    def _choice_fit(self, groups, parts, residuals):
-        basis, scale, inv_sqrt_lam = svd_whitener(residuals)
+    def _choice_fit(self, groups, parts, blocks):
+        rows = [b for _, b in blocks]
+        basis, scale, inv_sqrt_lam = svd_whitener(np.vstack(rows) * spread_factor(rows))
         white = lambda q: l2_normalize(q * inv_sqrt_lam + ((q @ basis.T) * scale) @ basis)
         if self.kind == "centroid":
-            return white, l2_normalize(np.stack([white(g).mean(axis=0) for g in groups]))
-        return white, [white(g) for g in groups]
+            means = l2_normalize(np.stack([white(g).mean(axis=0) for g in groups]))
+            return lambda q: white(q) @ means.T
+        index = _knn_index([white(g) for g in groups])
+        return lambda q: _knn_scores(index, white(q), self.k)
