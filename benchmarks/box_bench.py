@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from edge.bench import interleaved_blocks, paired_ratio  # noqa: E402
 from edge.camera import FolderCamera  # noqa: E402
-from edge.engine import DEFAULT_MODEL, Embedder  # noqa: E402
+from edge.engine import DEFAULT_MODEL, Embedder, load_reference, load_spread  # noqa: E402
 from edge.head import Head  # noqa: E402
 from edge.image import list_images, load_image  # noqa: E402
 
@@ -82,7 +82,9 @@ def speed(runs: int, threads) -> dict:
             return run
 
         stored = {f"c{k}": np.abs(rng.normal(0, 1, (500, engine.dim))).astype(np.float32) for k in range(10)}
-        big, big_knn = Head(), Head("knn")
+        # the box's head: its model's reference mean and spread prior
+        reference = dict(mean=load_reference(engine.path, engine.dim), spread=load_spread(engine.path, engine.dim))
+        big, big_knn = Head(**reference), Head("knn", **reference)
         big.set_samples(stored)
         big_knn.set_samples(stored)
         t0 = time.perf_counter()

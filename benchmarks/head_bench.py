@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from edge.bench import median_ms  # noqa: E402
-from edge.engine import DEFAULT_MODEL, Embedder, load_reference  # noqa: E402
+from edge.engine import DEFAULT_MODEL, Embedder, load_reference, load_spread  # noqa: E402
 from edge.head import Head  # noqa: E402
 from edge.image import list_images, load_image  # noqa: E402
 from head_reference import SvdHead  # noqa: E402
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--against", metavar="COMMIT", help="also time the head of this git commit")
     args = ap.parse_args()
     engine = Embedder(DEFAULT_MODEL, threads=args.threads)
-    mean = load_reference(engine.path, engine.dim)
+    mean, spread = load_reference(engine.path, engine.dim), load_spread(engine.path, engine.dim)
     rng = np.random.default_rng(0)
     root = Path(os.environ.get("EDGE_DATASETS", REPO.parent / "shared" / "datasets"))
     x = engine.prepare(load_image(list_images(root / "clothing-small" / "test" / "shoes")[0]))
@@ -62,8 +62,8 @@ def main() -> None:
     out = {"invoke_ms": round(invoke, 2)}
 
     data = samples(rng, 8, 200, engine.dim)
-    heads = {"gram": Head(mean=mean), "svd": SvdHead(mean=mean)}
-    if args.against:
+    heads = {"gram": Head(mean=mean, spread=spread), "svd": SvdHead(mean=mean, spread=spread)}
+    if args.against:            # older heads take no spread prior
         heads["against"] = head_at(args.against)(mean=mean)
     times = {name: [] for name in heads}
     for head in heads.values():
@@ -85,7 +85,7 @@ def main() -> None:
     big = samples(rng, 10, 500, engine.dim)
     frame = np.abs(rng.normal(0, 1, (1, engine.dim))).astype(np.float32)
     for kind in ("centroid", "knn"):
-        head = Head(kind, mean=mean)
+        head = Head(kind, mean=mean, spread=spread)
         head.set_samples(big)
         head.predict(frame)
         ms = median_ms(lambda: (head.evaluate(frame), head.predict(frame)), args.runs * 4, warmup=1)

@@ -6,8 +6,9 @@ Prints markdown tables: head vs plain L2 nearest centroid at 1/3/5/10 shots with
 classes (also with bursts of 5 frames per shot); the unknown gate (known accuracy, unrelated
 photos, held-out classes, AUROC); a taught "nothing" class. Unknown photos are the odd half of
 calibration/imagenet-sample, the reference mean is rebuilt from the even half plus the registry
-photos (so it never saw the unknowns). --cache keeps the embeddings (per model hash) outside the
-repo so a rerun only redraws trials.
+photos (so it never saw the unknowns), and so is the spread prior (`edge reference`'s augmented
+views of the same photos). --cache keeps the embeddings (per model hash) outside the repo so a
+rerun only redraws trials. --no-spread: the head without the spread prior.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from edge.engine import DEFAULT_MODEL, Embedder  # noqa: E402
-from edge.evaluate import Split, class_folders, embed_bursts, embed_files, run_trials  # noqa: E402
-from edge.head import Head, signed_sqrt  # noqa: E402
+from edge.evaluate import Split, class_folders, embed_bursts, embed_files, run_trials, spread_views  # noqa: E402
+from edge.head import SPREAD_VIEWS, Head, signed_sqrt, spread_prior  # noqa: E402
 from edge.image import IMAGE_SUFFIXES  # noqa: E402
 
 BURST = 5
@@ -40,7 +41,7 @@ def reference_files(root: Path) -> tuple:
 
 def embeddings(root: Path, cache: Path | None) -> dict:
     engine = Embedder(DEFAULT_MODEL, threads=None)
-    path = cache / f"head_eval_{engine.model_id[:16]}.npz" if cache else None
+    path = cache / f"head_eval_v2_{engine.model_id[:16]}.npz" if cache else None   # v2: with the spread prior
     if path and path.exists():
         return dict(np.load(path))
     out = {}
@@ -52,6 +53,8 @@ def embeddings(root: Path, cache: Path | None) -> dict:
     base_files, unknown_files = reference_files(root)
     base = embed_files(base_files, engine.embed)
     out["mean"] = signed_sqrt(base).mean(axis=0)
+    # as `edge reference` makes it, from the photos the mean is made of
+    out["spread"] = spread_prior(embed_bursts(base_files, engine.embed, SPREAD_VIEWS, seed=7, views=spread_views), out["mean"])
     out["unknown"] = embed_files(unknown_files, engine.embed)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path)
     ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--no-spread", action="store_true", help="the head without the spread prior")
     args = ap.parse_args()
     root = Path(os.environ.get("EDGE_DATASETS", REPO.parent / "shared" / "datasets"))
     e = embeddings(root, args.cache)
@@ -71,7 +75,8 @@ def main() -> None:
     bursts = Split({c: e[f"burst/{c}"][:, 0] for c in names}, {c: e[f"burst/{c}"] for c in names})
     test = Split({c: e[f"test/{c}"] for c in names})
     mean, unknown = e["mean"], e["unknown"]
-    head = lambda: Head(mean=mean)
+    spread = None if args.no_spread else e["spread"]
+    head = lambda: Head(mean=mean, spread=spread)
     run = lambda split=train, **kw: run_trials(split, test, trials=args.trials, head_factory=head, **kw)
 
     for label, split in (("single photos", train), (f"bursts of {BURST} frames per shot", bursts)):
@@ -114,7 +119,7 @@ def main() -> None:
     for kind in ("centroid", "knn"):
         cells = []
         for big in (train.classes["shirt"][:10], frames):
-            h = Head(kind, mean=mean)
+            h = Head(kind, mean=mean, spread=spread)
             h.set_samples({"shirt": big, "t-shirt": train.classes["t-shirt"][:10]})
             cells.append(f"{(h.predict_closed(test.classes['t-shirt']) == 1).mean():.3f}")
         print(f"| {kind} | " + " | ".join(cells) + " |")

@@ -26,7 +26,7 @@ import numpy as np
 from edge import __version__, commands as C, rules, transfer
 from edge.commands import Decision, Outputs
 from edge.camera import Camera, Retrying
-from edge.engine import Embedder, ModelError, load_reference
+from edge.engine import Embedder, ModelError, load_reference, load_spread
 from edge.gestures import Gestures
 from edge.head import Head, gate_features
 from edge.image import ImageError
@@ -94,7 +94,7 @@ class Box:
             self._fault_on("storage", message)
         self._reconcile()
         self.head = Head(cfg.head.kind, k=cfg.head.k, mean=load_reference(engine.path, engine.dim),
-                         threshold=self._threshold_setting())
+                         threshold=self._threshold_setting(), spread=load_spread(engine.path, engine.dim))
         self._refit()
 
     # --- public, thread-safe -----------------------------------------------------------------

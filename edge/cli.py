@@ -60,7 +60,7 @@ def cmd_embed(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from edge.engine import load_reference
+    from edge.engine import load_reference, load_spread, spread_beside
     from edge.evaluate import load_dataset, load_unknown, run_trials
     from edge.head import Head
     engine = _embedder(args)
@@ -68,8 +68,9 @@ def cmd_eval(args) -> int:
         mean = np.load(args.reference, allow_pickle=False).astype(np.float32)
         if mean.shape != (engine.dim,):
             raise UserError(f"{args.reference}: not a reference mean for this model")
+        spread = load_spread(engine.path, engine.dim, spread_beside(args.reference))
     else:
-        mean = load_reference(engine.path, engine.dim)
+        mean, spread = load_reference(engine.path, engine.dim), load_spread(engine.path, engine.dim)
     if args.burst < 1:
         raise UserError("--burst must be at least 1")
     train, test = load_dataset(Path(args.dataset), engine.embed, burst=args.burst)
@@ -77,7 +78,7 @@ def cmd_eval(args) -> int:
     nothing = load_unknown(Path(args.nothing), engine.embed) if args.nothing else None
     threshold = "auto" if args.threshold == "auto" else float(args.threshold)
     result = run_trials(train, test, shots=args.shots, trials=args.trials, seed=args.seed,
-                        head_factory=lambda: Head(args.head, k=args.k, mean=mean, threshold=threshold),
+                        head_factory=lambda: Head(args.head, k=args.k, mean=mean, threshold=threshold, spread=spread),
                         unknown=unknown, holdout=args.holdout_classes, classes=args.classes,
                         nothing=nothing, nothing_shots=args.nothing_shots)
     result.update(model=str(engine.path), head=args.head, threshold=args.threshold)
@@ -107,10 +108,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_reference(args) -> int:
-    """Write the model's reference mean embedding from a broad set of everyday photos."""
-    from edge.engine import DEFAULT_MODEL, MODELS_DIR, reference_path
-    from edge.evaluate import embed_files
-    from edge.head import signed_sqrt
+    """Write the model's reference mean embedding and spread prior from a broad set of everyday
+    photos."""
+    from edge.engine import DEFAULT_MODEL, MODELS_DIR, reference_path, spread_beside
+    from edge.evaluate import embed_bursts, embed_files, spread_views
+    from edge.head import SPREAD_VIEWS, signed_sqrt, spread_prior
     from edge.image import IMAGE_SUFFIXES
     files = []
     for folder in args.folders:
@@ -123,15 +125,19 @@ def cmd_reference(args) -> int:
     else:
         # Never into models/ unless asked: the shipped model's reference mean is part of the box.
         out = Path.cwd() / beside.name
-        if _inside(out, MODELS_DIR) or out.exists():
-            raise UserError(f"{out} {'is in models/' if _inside(out, MODELS_DIR) else 'exists already'}; "
-                            f"choose where to write with --out FILE")
+        for path in (out, spread_beside(out)):
+            if _inside(path, MODELS_DIR) or path.exists():
+                raise UserError(f"{path} {'is in models/' if _inside(path, MODELS_DIR) else 'exists already'}; "
+                                f"choose where to write with --out FILE")
     engine = _embedder(args)        # after the checks: a refusal costs no model load
     mean = signed_sqrt(embed_files(files, engine.embed)).mean(axis=0).astype(np.float32)
+    spread = spread_prior(embed_bursts(files, engine.embed, SPREAD_VIEWS, seed=7, views=spread_views), mean)
     np.save(out, mean)
-    print(f"wrote {out} from {len(files)} photos")
+    np.save(spread_beside(out), spread.astype(np.float16))     # a prior: 3 digits are plenty
+    print(f"wrote {out} and {spread_beside(out)} from {len(files)} photos")
     if out.resolve() != beside.resolve():
-        print(f"the box uses the reference mean beside the model: copy it to {beside} to use it")
+        print(f"the box uses the reference mean and spread prior beside the model: copy them to "
+              f"{beside} and {spread_beside(beside)} to use them")
     return EXIT_OK
 
 
@@ -290,10 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("reference", help="compute a model's reference mean embedding from photos")
+    p = sub.add_parser("reference", help="compute a model's reference mean embedding and spread prior from photos")
     p.add_argument("folders", nargs="+", metavar="DIR", help="folders of varied everyday photos")
     p.add_argument("--out", help="output .npy (default: <model stem>.mean.npy in the current folder; "
-                                 "never into models/ unless given here)")
+                                 "never into models/ unless given here); the spread prior goes beside "
+                                 "it as <name>.spread.npy")
     _add_model_args(p)
     p.set_defaults(func=cmd_reference)
 

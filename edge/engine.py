@@ -171,21 +171,47 @@ def reference_path(model_path: Union[str, Path]) -> Path:
     return model_path.with_name(model_path.stem + ".mean.npy")
 
 
+def spread_beside(mean_file: Union[str, Path]) -> Path:
+    """Where the spread prior (edge.head.spread_prior) made with a reference mean lives: beside
+    it, `<name>.spread.npy` for `<name>.mean.npy` (or for `<name>.npy`)."""
+    mean_file = Path(mean_file)
+    name = mean_file.name[:-len(".mean.npy")] if mean_file.name.endswith(".mean.npy") else mean_file.stem
+    return mean_file.with_name(name + ".spread.npy")
+
+
+def spread_path(model_path: Union[str, Path]) -> Path:
+    """Where a model's spread prior lives: beside its reference mean, `<stem>.spread.npy`."""
+    return spread_beside(reference_path(model_path))
+
+
 def load_reference(model_path: Union[str, Path], dim: int) -> Optional[np.ndarray]:
     """The model's reference mean embedding (see `edge reference`), or None when there is none."""
-    path = reference_path(model_path)
+    return _load_beside(reference_path(model_path), "reference mean", "the unknown gate is less sharp",
+                        lambda a: a.shape == (dim,), f"model outputs {dim}")
+
+
+def load_spread(model_path: Union[str, Path], dim: int, path: Optional[Path] = None) -> Optional[np.ndarray]:
+    """The model's spread prior (see `edge reference`; or the one at `path`), or None when there
+    is none."""
+    return _load_beside(path or spread_path(model_path), "spread prior", "the head chooses a little less well",
+                        lambda a: a.ndim == 2 and 0 < a.shape[0] <= dim and a.shape[1] == dim
+                        and float(np.sum(a.astype(np.float64) ** 2)) <= 1.001,
+                        f"rows of {dim} numbers whose squares add up to at most 1")
+
+
+def _load_beside(path: Path, what: str, without: str, fits, expected: str) -> Optional[np.ndarray]:
+    """A float array saved beside the model by `edge reference`; None (and a log line saying what
+    is lost) when there is none; ModelError in one line when it is unreadable or does not fit."""
     if not path.exists():
-        log.info("no reference mean for %s (%s): the unknown gate is less sharp; "
-                 "make one with `edge reference`", Path(model_path).name, path.name)
+        log.info("no %s %s: %s; make one with `edge reference`", what, path.name, without)
         return None
     try:
-        mean = np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: unreadable reference mean ({exc})") from None
-    if mean.shape != (dim,) or not np.isfinite(mean).all():
-        raise ModelError(f"{path}: not a reference mean for this model (shape {mean.shape}, "
-                         f"model outputs {dim})")
-    return mean.astype(np.float32)
+        raise ModelError(f"{path}: unreadable {what} ({exc})") from None
+    if array.dtype.kind != "f" or not np.isfinite(array).all() or not fits(array):
+        raise ModelError(f"{path}: not a {what} for this model (shape {array.shape}, {expected})")
+    return array.astype(np.float32)
 
 
 def _read_model(path: Path) -> bytes:

@@ -131,7 +131,8 @@ def _snapshot(folder):
 def test_reference_without_out_writes_into_the_current_folder_never_models(calibration, tmp_path):
     """`edge reference DIR` once overwrote the shipped model's reference mean: without --out it
     writes into the current folder, refuses to overwrite a file there, and refuses models/."""
-    from edge.engine import DEFAULT_MODEL, MODELS_DIR, reference_path
+    from edge.engine import DEFAULT_MODEL, MODELS_DIR, load_spread, reference_path, spread_path
+    from edge.head import SPREAD_RANK
     before = _snapshot(MODELS_DIR)
 
     def reference(cwd):
@@ -141,16 +142,21 @@ def test_reference_without_out_writes_into_the_current_folder_never_models(calib
     out = reference(tmp_path)
     assert out.returncode == 0, out.stderr
     written = tmp_path / reference_path(DEFAULT_MODEL).name
-    assert f"wrote {written} from " in out.stdout and str(reference_path(DEFAULT_MODEL)) in out.stdout
+    spread = tmp_path / spread_path(DEFAULT_MODEL).name
+    assert f"wrote {written} and {spread} from " in out.stdout and str(reference_path(DEFAULT_MODEL)) in out.stdout
     mean = np.load(written)
     assert mean.shape == (1280,) and mean.dtype == np.float32 and np.isfinite(mean).all()
-    assert list(tmp_path.iterdir()) == [written]
+    assert load_spread(DEFAULT_MODEL, 1280, spread).shape == (SPREAD_RANK, 1280)
+    assert sorted(tmp_path.iterdir()) == sorted([written, spread])
     assert _snapshot(MODELS_DIR) == before
 
     kept = written.read_bytes()
     again = reference(tmp_path)                 # never overwrites without being asked
     assert again.returncode == 1 and "exists already" in again.stderr and "--out" in again.stderr
     assert again.stderr.strip().count("\n") == 0 and written.read_bytes() == kept   # one line, no model loaded
+    written.unlink()                            # the spread prior alone is not overwritten either
+    again = reference(tmp_path)
+    assert again.returncode == 1 and f"{spread} exists already" in again.stderr and not written.exists()
     inside = reference(MODELS_DIR)              # run from models/ itself: refused before any work
     assert inside.returncode == 1 and "is in models/" in inside.stderr, inside.stderr
     assert _snapshot(MODELS_DIR) == before

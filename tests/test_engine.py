@@ -1,5 +1,7 @@
 """The embedding engine against the real int8 model and real photos."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -106,6 +108,30 @@ def test_bad_model_files_give_clear_errors(tmp_path):
         Embedder(tmp_path)
     with pytest.raises(ModelError, match="kernels"):
         Embedder(DEFAULT_MODEL, kernels="fast")
+
+
+def test_spread_prior_beside_the_model_loads_or_says_in_one_line_why_not(tmp_path):
+    """The shipped models carry their spread prior; a missing one is None (the head works
+    without it), a broken or foreign one is refused in one line naming the file."""
+    from edge.engine import load_spread, spread_beside, spread_path
+    rows = load_spread(DEFAULT_MODEL, 1280)
+    assert rows is not None and rows.dtype == np.float32 and rows.shape[1] == 1280
+    assert 0.5 < float(np.sum(rows.astype(np.float64) ** 2)) <= 1.001
+    assert spread_path(DEFAULT_MODEL) == spread_beside(Path(DEFAULT_MODEL).with_suffix(".mean.npy"))
+    assert spread_beside(tmp_path / "ref.npy") == tmp_path / "ref.spread.npy"
+    model = tmp_path / "m.tflite"
+    assert load_spread(model, 1280) is None
+    cases = {"text": b"not numpy", "shape": np.zeros((4, 64), np.float32), "big": np.ones((2, 1280), np.float32),
+             "nan": np.full((2, 1280), np.nan, np.float32), "ints": np.zeros((2, 1280), np.int64)}
+    for name, content in cases.items():
+        target = spread_path(model)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            np.save(target, content)
+        with pytest.raises(ModelError) as info:
+            load_spread(model, 1280)
+        assert "\n" not in str(info.value) and target.name in str(info.value), (name, str(info.value))
 
 
 def test_missing_runtime_is_a_clear_error(monkeypatch):

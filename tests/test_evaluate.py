@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from edge.engine import load_reference
+from edge.engine import load_reference, load_spread
 from edge.evaluate import Split, embed_bursts, load_dataset, load_unknown, run_trials
 from edge.head import Head, l2_normalize
 from edge.image import list_images
@@ -25,15 +25,23 @@ def mean(engine):
     return load_reference(engine.path, engine.dim)
 
 
+@pytest.fixture(scope="module")
+def spread(engine):
+    """The shipped spread prior: the box's head uses it, so the accuracy targets do too."""
+    rows = load_spread(engine.path, engine.dim)
+    assert rows is not None, "models/ ships a spread prior beside the default model"
+    return rows
+
+
 @pytest.mark.parametrize("kind", ["centroid", "knn"])
-def test_gram_refit_decides_like_the_svd_refit(kind, clothing_split, mean):
+def test_gram_refit_decides_like_the_svd_refit(kind, clothing_split, mean, spread):
     """The Gram-matrix whitening is the same fit as the SVD one: same decisions, same scores,
     with few samples (10 per class) and with more rows than the 256 used for the spread."""
     train, test = clothing_split
     queries = np.vstack(list(test.classes.values()))
     for shots in (10, 30):
         samples = {c: v[:shots] for c, v in train.classes.items()}
-        new, old = Head(kind, mean=mean), SvdHead(kind, mean=mean)
+        new, old = Head(kind, mean=mean, spread=spread), SvdHead(kind, mean=mean, spread=spread)
         new.set_samples(samples)
         old.set_samples(samples)
         (ci_new, gi_new), (ci_old, gi_old) = new.evaluate(queries), old.evaluate(queries)
@@ -51,26 +59,29 @@ def registry(calibration, engine):
 
 @pytest.mark.parametrize("shots", [1, 3, 5, 10])
 @pytest.mark.parametrize("classes", [2, 3, 0])
-def test_never_worse_than_the_plain_nearest_centroid(shots, classes, clothing_split, mean):
+def test_never_worse_than_the_plain_nearest_centroid(shots, classes, clothing_split, mean, spread):
     """Issue 12: on the same draws, the head's closed-set accuracy is at least the plain L2
     nearest centroid's minus 0.5 points."""
     train, test = clothing_split
     r = run_trials(train, test, shots=shots, trials=40, classes=classes,
-                   head_factory=lambda: Head(mean=mean))
+                   head_factory=lambda: Head(mean=mean, spread=spread))
     gain = r["accuracy"] - r["baseline_accuracy"]
     assert gain >= -0.005, f"{shots} shots, {classes or 'all'} classes: {gain:+.3f}"
 
 
-@pytest.mark.xfail(strict=True, reason="target of issue 12 not reached: measured +0.70 points "
-                   "(3 seeds x 100 trials), +0.8 with this seed; see docs/head.md")
-def test_three_classes_at_ten_shots_gain_a_point(clothing_split, mean):
+@pytest.mark.xfail(strict=True, reason="target of issue 12 not reached: measured +0.94 points "
+                   "over these 6 seeds x 100 trials (s.e. 0.12); see docs/head.md")
+def test_three_classes_at_ten_shots_gain_a_point(clothing_split, mean, spread):
+    """Measured over 600 draws: one seed of 40 trials has a standard error of about 0.3 points,
+    as large as the gap to the target."""
     train, test = clothing_split
-    r = run_trials(train, test, shots=10, trials=40, classes=3, head_factory=lambda: Head(mean=mean))
-    assert r["accuracy"] - r["baseline_accuracy"] >= 0.01
+    gains = [run_trials(train, test, shots=10, trials=100, classes=3, seed=seed,
+                        head_factory=lambda: Head(mean=mean, spread=spread)) for seed in range(6)]
+    assert np.mean([r["accuracy"] - r["baseline_accuracy"] for r in gains]) >= 0.01
 
 
 @pytest.mark.parametrize("kind", ["centroid", "knn"])
-def test_a_big_class_does_not_win_by_count(kind, clothing_split, mean):
+def test_a_big_class_does_not_win_by_count(kind, clothing_split, mean, spread):
     """200 samples of one class (its 10 photos, each as a burst of 20 near-duplicates) next to
     10 of another: the small class's photos are recognised as well as with 10 against 10."""
     train, test = clothing_split
@@ -80,7 +91,7 @@ def test_a_big_class_does_not_win_by_count(kind, clothing_split, mean):
     frames = frames * rng.uniform(0.97, 1.03, frames.shape).astype(np.float32)
     recall = {}
     for name, big_samples in (("balanced", train.classes[big][:10]), ("imbalanced", frames)):
-        head = Head(kind, mean=mean)
+        head = Head(kind, mean=mean, spread=spread)
         head.set_samples({big: big_samples, small: train.classes[small][:10]})
         recall[name] = float((head.predict_closed(test.classes[small]) == 1).mean())
     assert recall["imbalanced"] >= recall["balanced"] - 0.05, recall
@@ -104,9 +115,9 @@ def test_knn_frames_with_many_samples_decide_like_the_full_product(clothing, eng
     assert np.array_equal(frames.argmax(axis=1), batch.argmax(axis=1))
 
 
-def test_trials_report_the_curve_auroc_kits_and_bursts(clothing, engine, clothing_split, registry, mean):
+def test_trials_report_the_curve_auroc_kits_and_bursts(clothing, engine, clothing_split, registry, mean, spread):
     train, test = clothing_split
-    head = lambda: Head(mean=mean)
+    head = lambda: Head(mean=mean, spread=spread)
     r = run_trials(train, test, shots=5, trials=4, classes=3, holdout=2, unknown=registry,
                    head_factory=head)
     assert r["taught_classes"] == 3 and r["holdout_classes"] == 2
@@ -135,16 +146,16 @@ def test_trials_report_the_curve_auroc_kits_and_bursts(clothing, engine, clothin
 
 
 @pytest.mark.parametrize("classes", [2, 3])
-def test_the_gate_costs_at_most_three_points_with_few_classes(classes, clothing_split, mean):
+def test_the_gate_costs_at_most_three_points_with_few_classes(classes, clothing_split, mean, spread):
     """Issue 12: with `threshold: auto` known accuracy stays within 3 points of closed-set
     accuracy at 10 shots with a 2- or 3-button kit (it cost 3.5 at 2 classes with a plain normal
     quantile of 20 leave-one-out scores)."""
     train, test = clothing_split
-    r = run_trials(train, test, shots=10, trials=40, classes=classes, head_factory=lambda: Head(mean=mean))
+    r = run_trials(train, test, shots=10, trials=40, classes=classes, head_factory=lambda: Head(mean=mean, spread=spread))
     assert r["known_accuracy"] >= r["accuracy"] - 0.03, (r["known_accuracy"], r["accuracy"])
 
 
-def test_the_gate_keeps_its_budget_with_bursts(clothing, engine, clothing_split, mean):
+def test_the_gate_keeps_its_budget_with_bursts(clothing, engine, clothing_split, mean, spread):
     """Shots taught as bursts of near-duplicate frames (how the box records): the gate costs
     about what it costs with single photos, not most of the known photos (issue 12: it cost
     60 points at 3 shots when a left-out frame's burst still vouched for it)."""
@@ -155,25 +166,25 @@ def test_the_gate_keeps_its_budget_with_bursts(clothing, engine, clothing_split,
     split = Split({c: b[:, 0] for c, b in bursts.items()}, bursts)
     sub = Split({c: test.classes[c] for c in names})
     for shots in (3, 5):
-        r = run_trials(split, sub, shots=shots, trials=10, head_factory=lambda: Head(mean=mean))
+        r = run_trials(split, sub, shots=shots, trials=10, head_factory=lambda: Head(mean=mean, spread=spread))
         assert r["known_accuracy"] >= r["accuracy"] - 0.06, (shots, r["known_accuracy"], r["accuracy"])
 
 
-def test_a_taught_nothing_class_turns_unrelated_photos_unknown(clothing_split, registry, mean):
+def test_a_taught_nothing_class_turns_unrelated_photos_unknown(clothing_split, registry, mean, spread):
     """Some unrelated photos taught as "nothing": the others come back unknown more often than
     without it, and known accuracy holds."""
     train, test = clothing_split
     r = run_trials(train, test, shots=10, trials=6, classes=3, unknown=registry, nothing=registry,
-                   nothing_shots=20, head_factory=lambda: Head(mean=mean))
+                   nothing_shots=20, head_factory=lambda: Head(mean=mean, spread=spread))
     assert r["nothing_images"] == 63 and r["nothing_shots"] == 20
     assert r["nothing_unknown_rate"] >= r["unknown_rate"] - 0.02
     assert r["nothing_unknown_rate"] > 0.9
     assert r["nothing_known_accuracy"] >= r["known_accuracy"] - 0.03
 
 
-def test_nothing_class_takes_part_in_the_choice_but_answers_unknown(clothing_split, registry, mean):
+def test_nothing_class_takes_part_in_the_choice_but_answers_unknown(clothing_split, registry, mean, spread):
     train, test = clothing_split
-    head = Head(mean=mean, threshold=-1.0)     # gate always open: only the choice decides
+    head = Head(mean=mean, threshold=-1.0, spread=spread)     # gate always open: only the choice decides
     head.set_samples({"hat": train.classes["hat"][:10], "shoes": train.classes["shoes"][:10],
                       "table": registry[:30]})
     head.set_nothing(["table"])

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from edge.head import FALLBACK_THRESHOLD, Head, auto_threshold, gate_features, l2_normalize, signed_sqrt
+from edge.head import (FALLBACK_THRESHOLD, SPREAD_RANK, Head, PriorMap, auto_threshold, gate_features, l2_normalize,
+                       signed_sqrt, spread_prior)
 from edge.smoothing import UNKNOWN, Smoother
 
 
@@ -77,15 +78,25 @@ def test_set_class_undo_and_threshold_setting(two_classes):
     assert head.threshold != 0.42
 
 
-@pytest.mark.parametrize("kind", ["centroid", "knn"])
-def test_a_refit_after_changes_decides_like_a_fresh_head(kind):
-    """A refit keeps what depends on one class alone between refits: after recording, undo,
-    removing and re-teaching a class (and marking one "nothing"), it must decide exactly like a
-    head built from scratch on the same samples."""
+def toy_spread(rng, dim=64, photos=40, views=6):
+    """A spread prior like `edge reference` makes (augmented views of everyday photos): here,
+    views that vary mostly in a few directions."""
+    photo = np.abs(rng.standard_normal((photos, 1, dim))) * 3
+    wobble = rng.standard_normal((photos, views, 4)) @ rng.standard_normal((4, dim))
+    return spread_prior((photo + 0.3 * wobble + 0.05 * rng.standard_normal((photos, views, dim))).astype(np.float32),
+                        world_mean(rng, dim))
+
+
+@pytest.mark.parametrize("kind,with_spread", [("centroid", False), ("knn", False), ("centroid", True)])
+def test_a_refit_after_changes_decides_like_a_fresh_head(kind, with_spread):
+    """A refit keeps what depends on one class alone between refits (in the spread prior's view
+    too): after recording, undo, removing and re-teaching a class (and marking one "nothing"),
+    it must decide exactly like a head built from scratch on the same samples."""
     rng = np.random.default_rng(5)
     centres = [np.abs(rng.standard_normal(64)) * 3 for _ in range(4)]
     mean = world_mean(rng)
-    head = Head(kind, mean=mean)
+    spread = toy_spread(rng) if with_spread else None
+    head = Head(kind, mean=mean, spread=spread)
     raw = {f"c{i}": blobs(rng, c, 12, noise=0.6) for i, c in enumerate(centres[:3])}
     head.set_samples(raw)
     head.threshold                                   # fit once, so the per-class parts exist
@@ -102,7 +113,7 @@ def test_a_refit_after_changes_decides_like_a_fresh_head(kind):
         for name, vectors in raw.items():
             head.set_class(name, vectors)
         head.set_nothing(["c1"] if "c3" in raw else [])
-        fresh = Head(kind, mean=mean)
+        fresh = Head(kind, mean=mean, spread=spread)
         fresh.set_samples({n: raw[n] for n in head.labels})   # same class order as head's
         fresh.set_nothing(head.nothing)
         assert head.labels == fresh.labels
@@ -110,6 +121,30 @@ def test_a_refit_after_changes_decides_like_a_fresh_head(kind):
         for a, b in zip(head.evaluate(queries), fresh.evaluate(queries)):
             np.testing.assert_allclose(a, b, atol=1e-5)
         assert (head.predict(queries)[0] == fresh.predict(queries)[0]).all()
+
+
+def test_the_spread_prior_is_its_top_eigenpairs_and_its_view_counts_their_directions_less():
+    """spread_prior keeps the top SPREAD_RANK (here all 64) eigenpairs of the within-photo spread
+    as rows sqrt(share of the trace) x direction; the prior's view shrinks a direction the views
+    vary in against one they do not, and scoring in both views averages two cosines."""
+    rng = np.random.default_rng(3)
+    rows = toy_spread(rng)
+    assert rows.shape == (min(SPREAD_RANK, 64), 64)
+    assert float(np.sum(rows.astype(np.float64) ** 2)) == pytest.approx(1.0, abs=1e-4)
+    shares = np.sum(rows ** 2, axis=1)
+    assert (np.diff(shares) <= 1e-6).all()
+    assert shares[:4].sum() > 0.6 and shares[4] < 0.2 * shares[3]    # the 4 wobble directions first
+    mapped = PriorMap(rows)
+    top, flat = rows[0] / np.linalg.norm(rows[0]), rows[-1] / np.linalg.norm(rows[-1])
+    x = l2_normalize((top + flat)[np.newaxis])
+    y = mapped(x)[0]
+    assert abs(y @ top) < 0.5 * abs(y @ flat)         # the direction that varies counts less
+    assert np.linalg.norm(y) == pytest.approx(1.0, abs=1e-5)
+    head = Head(mean=world_mean(rng), spread=rows)
+    assert Head("knn", spread=rows).prior is None      # k-NN: one view (its per-frame cost)
+    a, b = np.abs(rng.standard_normal(64)) * 3, np.abs(rng.standard_normal(64)) * 3
+    head.set_samples({"a": blobs(rng, a, 8), "b": blobs(rng, b, 8)})
+    assert (head.predict(np.vstack([blobs(rng, a, 5), blobs(rng, b, 5)]))[0] == [0] * 5 + [1] * 5).all()
 
 
 def test_auto_threshold_follows_the_spread_of_the_samples():

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     result["edge_modules"] = import_edge(args.repo)
     t = lap("imports", t)
 
-    from edge.engine import DEFAULT_MODEL, Embedder, load_reference
+    from edge.engine import DEFAULT_MODEL, Embedder, load_reference, load_spread
     from edge.image import load_image
 
     images = pick_images(args.datasets, args.classes.split(","), 1 if args.quick else args.shots,
@@ -106,10 +106,10 @@ def main(argv=None) -> int:
         del result["config"]["_config"]
         result["mqtt"] = check_mqtt()
         t = lap("config_gpio_mqtt", t)
-        mean = load_reference(DEFAULT_MODEL, engine.dim)
-        result["head"] = check_head(images, emb, mean)
+        reference = load_reference(DEFAULT_MODEL, engine.dim), load_spread(DEFAULT_MODEL, engine.dim)
+        result["head"] = check_head(images, emb, reference)
         t = lap("head", t)
-        result["store"] = check_store(args.work / "store", engine.model_id, images, emb, mean,
+        result["store"] = check_store(args.work / "store", engine.model_id, images, emb, reference,
                                       result["head"])
         t = lap("store", t)
 
@@ -228,8 +228,9 @@ def check_mqtt() -> dict:
     return {"client": type(client).__name__, "publish_rc": int(info.rc)}
 
 
-def check_head(images: list, emb, mean) -> dict:
-    """Teach the training photos, classify the test photos (centroid and knn heads)."""
+def check_head(images: list, emb, reference) -> dict:
+    """Teach the training photos, classify the test photos (centroid and knn heads); reference:
+    the model's (reference mean, spread prior)."""
     import numpy as np
 
     from edge.head import Head
@@ -238,7 +239,7 @@ def check_head(images: list, emb, mean) -> dict:
     test = [i for i, item in enumerate(images) if item["split"] == "test"]
     out = {}
     for kind in ("centroid", "knn"):
-        head = Head(kind=kind, mean=mean)
+        head = Head(kind=kind, mean=reference[0], spread=reference[1])
         for name in dict.fromkeys(images[i]["class"] for i in train):
             head.add(name, emb[[i for i in train if images[i]["class"] == name]])
         labels = head.labels
@@ -252,7 +253,7 @@ def check_head(images: list, emb, mean) -> dict:
     return out
 
 
-def check_store(folder: Path, model_id: str, images: list, emb, mean, head: dict) -> dict:
+def check_store(folder: Path, model_id: str, images: list, emb, reference, head: dict) -> dict:
     """Write, close, reopen, compare; then a command left only in the WAL by a process that dies
     without closing (os._exit in a forked child), reopened and replayed by SQLite."""
     import shutil
@@ -285,7 +286,7 @@ def check_store(folder: Path, model_id: str, images: list, emb, mean, head: dict
     reopened_equal = (list(stored) == list(expected) and again.settings().get("threshold") == "auto"
                       and all(len(stored[n]) == len(r) for n, r in expected.items()))
     bits_equal = all(np.array_equal(stored[n], emb[r].astype(np.float32)) for n, r in expected.items())
-    relearned = Head(kind="centroid", mean=mean)
+    relearned = Head(kind="centroid", mean=reference[0], spread=reference[1])
     relearned.set_samples(dict(stored))
     test = [i for i, item in enumerate(images) if item["split"] == "test"]
     same_predictions = [int(p) for p in relearned.predict(emb[test])[0]] == head["centroid"]["predicted"]
