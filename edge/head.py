@@ -195,12 +195,12 @@ class Head:
         parts = self._class_parts(labels)
         means = np.stack([p["sum"] for p in parts]) / np.array([len(g) for g in groups], np.float32)[:, None]
         real = np.array([n not in self._nothing for n in labels])
-        spread = np.flatnonzero(real) if real.any() else np.arange(len(groups))
-        per_class = max(1, MAX_FIT_ROWS // len(spread))
-        score = self._view_fit(groups, parts, spread, per_class)
+        shaping = np.flatnonzero(real) if real.any() else np.arange(len(groups))   # define the spread
+        per_class = max(1, MAX_FIT_ROWS // len(shaping))
+        score = self._view_fit(groups, parts, shaping, per_class)
         if self.prior is not None:      # the same fit in the prior's view; the two cosines averaged
             views = [p["prior"] for p in parts]
-            second = self._view_fit([v["rows"] for v in views], views, spread, per_class)
+            second = self._view_fit([v["rows"] for v in views], views, shaping, per_class)
             first, mapped = score, self.prior
             score = lambda g: 0.5 * (first(g) + second(mapped(g)))
         taught = [p for p, r in zip(parts, real) if r]
@@ -241,10 +241,11 @@ class Head:
     def _fixed_or(self, default: float) -> float:
         return default if self.threshold_setting == "auto" else float(self.threshold_setting)
 
-    def _view_fit(self, groups, parts, spread, per_class):
-        """`_choice_fit` with the residual rows of the `spread` classes, per_class rows each."""
+    def _view_fit(self, groups, parts, shaping, per_class):
+        """`_choice_fit` with the residual rows of the classes at the indices `shaping` (those
+        that define the within-class spread), per_class rows each."""
         return self._choice_fit(groups, parts, [((parts[i]["serial"], per_class),
-                                                 _residual_rows(parts[i], groups[i], per_class)) for i in spread])
+                                                 _residual_rows(parts[i], groups[i], per_class)) for i in shaping])
 
     def _choice_fit(self, groups, parts, blocks):
         """The choice view's scoring function, gate-view rows (N, dim) -> scores (N, C): the
