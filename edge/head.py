@@ -45,7 +45,7 @@ FALLBACK_THRESHOLD = 0.3
 MIN_LOO = 4
 # Rows used to estimate the within-class spread (keeps re-fitting fast with thousands of samples).
 MAX_FIT_ROWS = 256
-# Names each class part (`_class_part`): the key of its residual rows in other parts' kept products.
+# Names each view part (`_view_part`): the key of its residual rows in other parts' kept products.
 _SERIALS = count()
 # The spread prior (`<model>.spread.npy`, made by `edge reference`): how augmented views of one
 # everyday photo differ (crops, mirror, turns, light, colour). The choice is scored twice, in the
@@ -200,7 +200,7 @@ class Head:
         score = self._view_fit(groups, parts, shaping, per_class)
         if self.prior is not None:      # the same fit in the prior's view; the two cosines averaged
             views = [p["prior"] for p in parts]
-            second = self._view_fit([v["rows"] for v in views], views, shaping, per_class)
+            second = self._view_fit([v["samples"] for v in views], views, shaping, per_class)
             first, mapped = score, self.prior
             score = lambda g: 0.5 * (first(g) + second(mapped(g)))
         taught = [p for p, r in zip(parts, real) if r]
@@ -404,7 +404,7 @@ def _products(part: dict, g: np.ndarray, blocks) -> np.ndarray:
     old = part.get("products", {})
     kept = {key: old[key] if key in old else g @ rows.T for key, rows in blocks}
     part["products"] = kept
-    return np.hstack([kept[key] for key, _ in blocks]) if blocks else np.zeros((len(g), 0), np.float32)
+    return np.hstack([kept[key] for key, _ in blocks])
 
 
 def spread_prior(views: np.ndarray, mean: Optional[np.ndarray]) -> np.ndarray:
@@ -510,10 +510,11 @@ def _loo_rows(g: np.ndarray) -> tuple:
     return rows, dup
 
 
-def _view_part(rows: np.ndarray) -> dict:
-    """What a view's fit needs of one class's rows in that view (the prior's, `PriorMap`): the
-    rows, their sum and squared lengths, and a serial for the products kept with other parts."""
-    return {"rows": rows, "sum": rows.sum(axis=0), "sq": np.einsum("ij,ij->i", rows, rows),
+def _view_part(samples: np.ndarray) -> dict:
+    """What a view's fit needs of one class's samples in that view (the gate view's, in
+    `_class_part`, and the prior's, `PriorMap`): the samples, their sum and squared lengths, and a
+    serial naming their residual rows in other parts' kept products."""
+    return {"samples": samples, "sum": samples.sum(axis=0), "sq": np.einsum("ij,ij->i", samples, samples),
             "serial": next(_SERIALS)}
 
 
@@ -524,9 +525,8 @@ def _class_part(g: np.ndarray) -> dict:
     whose class is all its near-duplicates has no score: like a class of one sample, one view
     tells nothing of how far new views go ("own" is None when no sample has one)."""
     rows, dup = _loo_rows(g)
-    total = g.sum(axis=0)
-    part = {"sum": total, "sq": np.einsum("ij,ij->i", g, g), "distinct": len(g) * float(np.mean(1.0 / dup.sum(axis=1))),
-            "own": None, "serial": next(_SERIALS)}
+    part = {**_view_part(g), "distinct": len(g) * float(np.mean(1.0 / dup.sum(axis=1))), "own": None}
+    total = part["sum"]
     keep = dup.sum(axis=1) < len(g)      # else only near-duplicates: one view, no score
     if keep.any():
         k_rows, k_dup = rows[keep], dup[keep]
