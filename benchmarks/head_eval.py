@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from edge.engine import DEFAULT_MODEL, Embedder  # noqa: E402
-from edge.evaluate import Split, class_folders, embed_bursts, embed_files, run_trials, spread_views  # noqa: E402
-from edge.head import SPREAD_VIEWS, Head, signed_sqrt, spread_prior  # noqa: E402
+from edge.evaluate import Split, class_folders, embed_bursts, embed_files, embed_reference, reference_of, run_trials  # noqa: E402
+from edge.head import Head  # noqa: E402
 from edge.image import IMAGE_SUFFIXES  # noqa: E402
 
 BURST = 5
@@ -51,10 +51,7 @@ def embeddings(root: Path, cache: Path | None) -> dict:
             if split == "train":
                 out[f"burst/{c}"] = embed_bursts(files, engine.embed, BURST)
     base_files, unknown_files = reference_files(root)
-    base = embed_files(base_files, engine.embed)
-    out["mean"] = signed_sqrt(base).mean(axis=0)
-    # as `edge reference` makes it, from the photos the mean is made of
-    out["spread"] = spread_prior(embed_bursts(base_files, engine.embed, SPREAD_VIEWS, seed=7, views=spread_views), out["mean"])
+    out["mean"], out["spread"] = reference_of(*embed_reference(base_files, engine.embed))   # as `edge reference`
     out["unknown"] = embed_files(unknown_files, engine.embed)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)

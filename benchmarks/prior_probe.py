@@ -32,18 +32,18 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import head_eval  # noqa: E402
 from edge.engine import DEFAULT_MODEL, Embedder  # noqa: E402
-from edge.evaluate import embed_bursts, spread_views  # noqa: E402
-from edge.head import SPREAD_VIEWS, Head, gate_features, l2_normalize, plain_centroid_predict, spread_prior  # noqa: E402
+from edge.evaluate import embed_reference  # noqa: E402
+from edge.head import Head, gate_features, l2_normalize, plain_centroid_predict, spread_prior  # noqa: E402
 
 
 def augmented(root: Path, cache: Path | None) -> np.ndarray:
     """(photos, SPREAD_VIEWS, dim) embeddings of augmented reference photos, as `edge reference`
-    makes them for the spread prior."""
+    makes them for the spread prior (edge.evaluate.embed_reference)."""
     engine = Embedder(DEFAULT_MODEL, threads=None)
     path = cache / f"prior_probe_{engine.model_id[:16]}.npy" if cache else None
     if path and path.exists():
         return np.load(path)
-    out = embed_bursts(head_eval.reference_files(root)[0], engine.embed, SPREAD_VIEWS, seed=7, views=spread_views)
+    out = embed_reference(head_eval.reference_files(root)[0], engine.embed)[1]
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, out)

@@ -111,8 +111,7 @@ def cmd_reference(args) -> int:
     """Write the model's reference mean embedding and spread prior from a broad set of everyday
     photos."""
     from edge.engine import DEFAULT_MODEL, MODELS_DIR, reference_path, spread_beside
-    from edge.evaluate import embed_bursts, embed_files, spread_views
-    from edge.head import SPREAD_VIEWS, signed_sqrt, spread_prior
+    from edge.evaluate import embed_reference, reference_of
     from edge.image import IMAGE_SUFFIXES
     files = []
     for folder in args.folders:
@@ -130,8 +129,7 @@ def cmd_reference(args) -> int:
                 raise UserError(f"{path} {'is in models/' if _inside(path, MODELS_DIR) else 'exists already'}; "
                                 f"choose where to write with --out FILE")
     engine = _embedder(args)        # after the checks: a refusal costs no model load
-    mean = signed_sqrt(embed_files(files, engine.embed)).mean(axis=0).astype(np.float32)
-    spread = spread_prior(embed_bursts(files, engine.embed, SPREAD_VIEWS, seed=7, views=spread_views), mean)
+    mean, spread = reference_of(*embed_reference(files, engine.embed))
     np.save(out, mean)
     np.save(spread_beside(out), spread.astype(np.float16))     # a prior: 3 digits are plenty
     print(f"wrote {out} and {spread_beside(out)} from {len(files)} photos")

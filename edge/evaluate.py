@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from edge.head import Head, plain_centroid_predict
+from edge.head import SPREAD_VIEWS, Head, plain_centroid_predict, signed_sqrt, spread_prior
 from edge.image import IMAGE_SUFFIXES, ImageError, list_images, load_image
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,9 @@ def spread_views(img, n: int, rng: np.random.Generator) -> list:
     and contrast +-30 %, colour +-40 %. Deterministic for a seeded rng."""
     from PIL import Image, ImageEnhance, ImageOps
     img = img.convert("RGB")
+    w, h = img.size
     out = []
     for _ in range(n):
-        w, h = img.size
         s = rng.uniform(0.55, 1.0)
         cw, ch = max(1, int(w * s)), max(1, int(h * s))
         left, top = int(rng.uniform(0, w - cw + 1)), int(rng.uniform(0, h - ch + 1))
@@ -109,6 +109,20 @@ def embed_bursts(files: List[Path], embed: Callable, n: int, seed: int = 0,
         rng = np.random.default_rng([seed, i])
         rows.append([embed(v) for v in views(img, n, rng)])
     return np.array(rows, dtype=np.float32)
+
+
+def embed_reference(files: List[Path], embed: Callable) -> tuple:
+    """(embeddings (photos, dim), augmented views (photos, SPREAD_VIEWS, dim)) of everyday photos,
+    each photo read once: what `reference_of` makes a model's mean and spread prior from."""
+    both = embed_bursts(files, embed, SPREAD_VIEWS + 1, seed=7,
+                        views=lambda img, n, rng: [img] + spread_views(img, n - 1, rng))
+    return both[:, 0], both[:, 1:]
+
+
+def reference_of(photos: np.ndarray, views: np.ndarray) -> tuple:
+    """(reference mean, spread prior) from `embed_reference`'s embeddings and views."""
+    mean = signed_sqrt(photos).mean(axis=0).astype(np.float32)
+    return mean, spread_prior(views, mean)
 
 
 def load_dataset(root: Path, embed: Callable, burst: int = 1) -> tuple:
