@@ -94,7 +94,7 @@ class Box:
             self._fault_on("storage", message)
         self._reconcile()
         self.head = Head(cfg.head.kind, k=cfg.head.k, mean=load_reference(engine.path, engine.dim),
-                         threshold=self._threshold_setting(), spread=load_spread(engine.path, engine.dim))
+                         threshold=self._threshold_setting(), spread=_spread_or_none(engine))
         self._refit()
 
     # --- public, thread-safe -----------------------------------------------------------------
@@ -906,3 +906,13 @@ def _demo_folder():
     root = Path(os.environ.get("EDGE_DATASETS", Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"))
     folder = root / "clothing-small" / "test"
     return folder if folder.is_dir() else None
+
+
+def _spread_or_none(engine: Embedder) -> Optional[np.ndarray]:
+    """The model's spread prior. The head only chooses a little less well without it, so a
+    broken file is a warning, never a box that will not start (a broken reference mean is)."""
+    try:
+        return load_spread(engine.path, engine.dim)
+    except ModelError as exc:
+        log.warning("%s: choosing without it", exc)
+        return None

@@ -14,6 +14,7 @@ from edge import commands as C
 from edge.app import Box
 from edge.camera import FolderCamera, Retrying
 from edge.config import parse_config
+from edge.evaluate import embed_files
 from edge.image import list_images
 from edge.panel import Panel
 from edge.store import Store
@@ -401,3 +402,30 @@ def test_the_watchdog_is_fed_only_by_healthy_steps(tmp_path, engine, mock_factor
                 assert frames_or_errors == 0
     assert pings["healthy"] >= 5, pings          # 3 s at a 0.2 s watchdog: pinged every 0.1 s or so
     assert pings["broken"] == 0, pings
+
+
+def test_a_broken_spread_prior_costs_the_prior_not_the_box(tmp_path, engine, clothing, caplog):
+    """The spread prior beside a model is optional: a corrupt one is one warning line naming the
+    file, and the box starts, learns and answers with one view (a broken model or mean refuses)."""
+    from edge.engine import Embedder, reference_path, spread_path
+    model = tmp_path / "mine.tflite"
+    shutil.copy(engine.path, model)
+    shutil.copy(reference_path(engine.path), reference_path(model))
+    spread_path(model).write_bytes(b"not a numpy file\n")
+    mine = Embedder(model)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cfg = parse_config({"classes": [{"name": "A"}, {"name": "B"}], "function_button": None, "status_led": None,
+                        "camera": {"source": "folder", "folder": str(photos)},
+                        "store": {"path": str(tmp_path / "store")}}, base=tmp_path)
+    store = Store(cfg.store.path, mine.model_id, mine.dim)
+    store.open()
+    with caplog.at_level("WARNING", logger="edge.app"):
+        box = Box(cfg, mine, store, FolderCamera(photos), None, queue.Queue())
+    warned = [r.getMessage() for r in caplog.records if spread_path(model).name in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0] and "choosing without it" in warned[0], warned
+    assert box.head.prior is None and box.head.mean is not None
+    embed = lambda split, c: embed_files(list_images(clothing / split / c)[:5], mine.embed)
+    box.head.set_samples({"A": embed("train", "shoes"), "B": embed("train", "hat")})
+    assert (box.head.predict_closed(embed("test", "hat")) == 1).all()
+    store.close()
