@@ -327,8 +327,9 @@ def _knn_index(groups) -> dict:
     width = int(sizes.max())
     owner = np.repeat(np.arange(len(groups)), sizes)
     slot = owner * width + (np.arange(len(stacked)) - np.repeat(np.cumsum(sizes) - sizes, sizes))
-    index = {"stacked": stacked, "sizes": sizes, "width": width, "slot": slot, "basis": None,
-             "starts": (np.cumsum(sizes) - sizes)[None, :, None]}
+    row_of = np.full(len(groups) * width, -1)       # the stored row in each table slot (-1: padding)
+    row_of[slot] = np.arange(len(stacked))
+    index = {"stacked": stacked, "sizes": sizes, "width": width, "slot": slot, "basis": None, "row_of": row_of}
     if len(stacked) > KNN_EXACT_MAX:
         sub = stacked[np.linspace(0, len(stacked) - 1, min(512, len(stacked))).astype(int)].astype(np.float64)
         eig, u = np.linalg.eigh(sub @ sub.T)
@@ -362,22 +363,30 @@ def _mean_of_best(table: np.ndarray, sizes: np.ndarray, k: int) -> np.ndarray:
 
 def _knn_scores(index: dict, w: np.ndarray, k: int) -> np.ndarray:
     """k-NN class scores of whitened unit rows w: exact with few samples or many rows at once;
-    else a coarse pass in the principal subspace picks KNN_CANDIDATES per class to score exactly."""
-    stacked, sizes = index["stacked"], index["sizes"]
+    else a coarse pass in the principal subspace picks the KNN_CANDIDATES best of each class
+    (more on a tie) to score exactly. The picks are the coarse scores at or above each class's
+    KNN_CANDIDATES-th best (np.partition): a third of what np.argpartition costs here, and the
+    box scores one frame at a time (benchmarks/README.md)."""
+    stacked, sizes, width = index["stacked"], index["sizes"], index["width"]
     if index["basis"] is None or len(w) > KNN_FAST_ROWS:
         return _mean_of_best(_padded(w @ stacked.T, index), sizes, k)
     coarse = _padded((w @ index["basis"].T) @ index["projected"].T, index)
-    cand = min(max(KNN_CANDIDATES, k), index["width"])
-    pick = np.argpartition(coarse, index["width"] - cand, axis=2)[:, :, -cand:]   # (rows, C, cand)
-    rows = index["starts"] + pick
-    if sizes.min() >= cand:
-        exact = np.stack([stacked[r.ravel()] @ q for r, q in zip(rows, w)]).reshape(pick.shape)
-    else:                       # a class smaller than `cand`: some picks are padding
-        valid = pick < sizes[None, :, None]
-        rows = np.where(valid, rows, 0)
-        exact = np.stack([stacked[r.ravel()] @ q for r, q in zip(rows, w)]).reshape(pick.shape)
-        exact = np.where(valid, exact, -np.inf).astype(np.float32)
-    return _mean_of_best(exact, sizes, k)
+    cand = min(max(KNN_CANDIDATES, k), width)
+    cut = np.partition(coarse, width - cand, axis=2)[:, :, width - cand, None]
+    out = np.empty((len(w), len(sizes)), dtype=np.float32)
+    for i, (picked, q) in enumerate(zip(coarse >= cut, w)):
+        slots = np.flatnonzero(picked)
+        rows = index["row_of"][slots]
+        if sizes.min() < cand:          # a class smaller than `cand`: its padding is picked too
+            slots, rows = slots[rows >= 0], rows[rows >= 0]
+        exact = stacked[rows] @ q
+        if len(slots) == cand * len(sizes):     # no ties: `cand` picks per class, in class order
+            out[i] = _mean_of_best(exact.reshape(1, len(sizes), cand), sizes, k)[0]
+        else:
+            table = np.full((1, len(sizes) * width), -np.inf, dtype=np.float32)
+            table[0, slots] = exact
+            out[i] = _mean_of_best(table.reshape(1, len(sizes), width), sizes, k)[0]
+    return out
 
 
 def _residual_rows(part: dict, g: np.ndarray, per_class: int) -> np.ndarray:

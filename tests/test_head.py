@@ -227,6 +227,24 @@ def test_knn_many_samples_one_frame_matches_the_full_product():
     assert list(batch.argmax(axis=1)[:11]) == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3]   # c2 has 2 samples
 
 
+def test_knn_many_identical_frames_one_frame_matches_the_full_product():
+    """A frozen camera records the same frame over and over: the coarse pass then ties across a
+    whole class (more picks than the candidate count), and a frame still gets the full product's
+    scores."""
+    from edge.head import KNN_EXACT_MAX
+    rng = np.random.default_rng(12)
+    still = np.abs(rng.standard_normal((1, 64))).astype(np.float32)
+    samples = {"frozen": np.repeat(still, KNN_EXACT_MAX, axis=0),
+               "moving": np.abs(rng.standard_normal((40, 64))).astype(np.float32)}
+    head = Head("knn", k=3, threshold=-1.0)
+    head.set_samples(samples)
+    queries = np.vstack([still * 1.02, samples["moving"][:3] + 0.01])
+    batch = head.evaluate(queries)[0]                       # many rows: the full product
+    frames = np.vstack([head.evaluate(q[np.newaxis])[0] for q in queries])
+    assert np.abs(frames - batch).max() < 1e-4
+    assert list(frames.argmax(axis=1)) == [0, 1, 1, 1]
+
+
 def test_knn_mean_of_best_counts_only_a_small_class_own_samples():
     from edge.head import _knn_index, _knn_scores
     groups = [l2_normalize(np.eye(4, dtype=np.float32)[[0, 0, 1]] + 0.1), l2_normalize(np.eye(4, dtype=np.float32)[[2]])]
