@@ -27,11 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import edge  # noqa: E402,F401  first: numpy then starts one BLAS thread, as in the box (edge/__init__.py)
+import numpy as np  # noqa: E402
 from edge.bench import interleaved_blocks, paired_ratio  # noqa: E402
 from edge.camera import FolderCamera  # noqa: E402
 from edge.engine import DEFAULT_MODEL, Embedder, load_reference, load_spread  # noqa: E402

@@ -21,11 +21,11 @@ import time
 import types
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+import edge  # noqa: E402,F401  first: numpy then starts one BLAS thread, as in the box (edge/__init__.py)
+import numpy as np  # noqa: E402
 from edge.bench import median_ms  # noqa: E402
 from edge.engine import DEFAULT_MODEL, Embedder, load_reference, load_spread  # noqa: E402
 from edge.head import Head  # noqa: E402

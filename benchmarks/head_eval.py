@@ -18,11 +18,11 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import edge  # noqa: E402,F401  first: numpy then starts one BLAS thread, as in the box (edge/__init__.py)
+import numpy as np  # noqa: E402
 from edge.engine import DEFAULT_MODEL, Embedder  # noqa: E402
 from edge.evaluate import Split, class_folders, embed_bursts, embed_files, embed_reference, reference_of, run_trials  # noqa: E402
 from edge.head import Head  # noqa: E402

@@ -24,12 +24,12 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import edge  # noqa: E402,F401  first: numpy then starts one BLAS thread, as in the box (edge/__init__.py)
+import numpy as np  # noqa: E402
 import head_eval  # noqa: E402
 from edge.engine import DEFAULT_MODEL, Embedder  # noqa: E402
 from edge.evaluate import embed_reference  # noqa: E402

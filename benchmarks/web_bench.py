@@ -43,11 +43,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import edge  # noqa: E402,F401  first: numpy then starts one BLAS thread, as in the box (edge/__init__.py)
+import numpy as np  # noqa: E402
 from edge.camera import Camera  # noqa: E402
 from edge.engine import DEFAULT_MODEL, Embedder  # noqa: E402
 from edge.image import list_images, load_image  # noqa: E402
