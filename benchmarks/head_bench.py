@@ -47,6 +47,15 @@ def head_at(commit: str):
     return module.Head
 
 
+def against(commit: str, kind: str, mean, spread):
+    """The head of that commit, with the spread prior when it takes one (since 72d86dc)."""
+    cls = head_at(commit)
+    try:
+        return cls(kind, mean=mean, spread=spread)
+    except TypeError:
+        return cls(kind, mean=mean)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=15)
@@ -63,8 +72,8 @@ def main() -> None:
 
     data = samples(rng, 8, 200, engine.dim)
     heads = {"gram": Head(mean=mean, spread=spread), "svd": SvdHead(mean=mean, spread=spread)}
-    if args.against:            # older heads take no spread prior
-        heads["against"] = head_at(args.against)(mean=mean)
+    if args.against:
+        heads["against"] = against(args.against, "centroid", mean, spread)
     times = {name: [] for name in heads}
     for head in heads.values():
         head.set_samples(data)
@@ -95,7 +104,7 @@ def main() -> None:
         ms = median_ms(lambda: head.evaluate(frame), args.runs * 4, warmup=1)
         out[f"evaluate_{kind}_5000_over_invoke"] = round(ms / invoke, 4)
         if args.against:            # the same frame through the older head: its cost, its scores
-            other = head_at(args.against)(kind, mean=mean)
+            other = against(args.against, kind, mean, spread)
             other.set_samples(big)
             other.evaluate(frame)
             out[f"evaluate_{kind}_5000_ms"] = round(ms, 4)

@@ -58,6 +58,14 @@ _SERIALS = count()
 PRIOR_WEIGHT = 10.0
 PRIOR_SHRINK = 3.0
 SPREAD_RANK = 384
+# The prior's view sees up to PRIOR_SAMPLES evenly spaced samples of each class (a class recorded
+# for 30 s is 200 near-duplicate frames; 32 of them, one every second, show its views as well) and
+# takes its spread from up to PRIOR_FIT_ROWS rows in all: a second view over every sample doubled
+# the refit after each recorded frame (30 ms against 15 at 8 x 200, one BLAS thread as in the
+# box; now 18 ms, benchmarks/README.md "2026-12-07, one BLAS thread"). Up to 10 shots of up to
+# 12 classes, every sample still counts in both views.
+PRIOR_SAMPLES = 32
+PRIOR_FIT_ROWS = 128
 SPREAD_VIEWS = 8        # augmented views of each photo (edge.evaluate.spread_views)
 # Near-duplicates: samples of one class whose gate cosine reaches DUPLICATE count as views of one
 # thing (frames of one burst, 1/6 s apart). On clothing-small, 5 views of one photo have cosines
@@ -200,7 +208,7 @@ class Head:
         score = self._view_fit(groups, parts, shaping, per_class)
         if self.prior is not None:      # the same fit in the prior's view; the two cosines averaged
             views = [p["prior"] for p in parts]
-            second = self._view_fit([v["samples"] for v in views], views, shaping, per_class)
+            second = self._view_fit([v["samples"] for v in views], views, shaping, max(1, PRIOR_FIT_ROWS // len(shaping)))
             first, mapped = score, self.prior
             score = lambda g: 0.5 * (first(g) + second(mapped(g)))
         taught = [p for p, r in zip(parts, real) if r]
@@ -233,7 +241,7 @@ class Head:
             if hit is None or hit[0] is not g:
                 hit = (g, _class_part(g))
                 if self.prior is not None:
-                    hit[1]["prior"] = _view_part(self.prior(g))
+                    hit[1]["prior"] = _view_part(self.prior(_evenly(g, PRIOR_SAMPLES)))
             kept[name] = hit
         self._parts = kept
         return [kept[n][1] for n in labels]
@@ -389,12 +397,17 @@ def _knn_scores(index: dict, w: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def _evenly(rows: np.ndarray, most: int) -> np.ndarray:
+    """Up to `most` evenly spaced rows (all of them when there are no more)."""
+    return rows if len(rows) <= most else rows[np.linspace(0, len(rows) - 1, most).astype(int)]
+
+
 def _residual_rows(part: dict, g: np.ndarray, per_class: int) -> np.ndarray:
     """One class's rows for the within-class spread: up to per_class of its samples, evenly
     spaced, minus the class mean, scaled by 1/sqrt(their count); kept in its `_class_part`."""
     cached = part.setdefault("residuals", {})
     if per_class not in cached:
-        rows = g if len(g) <= per_class else g[np.linspace(0, len(g) - 1, per_class).astype(int)]
+        rows = _evenly(g, per_class)
         cached[per_class] = ((rows - part["sum"] / np.float32(len(g))) / np.sqrt(len(rows))).astype(np.float32)
     return cached[per_class]
 
