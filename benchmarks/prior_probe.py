@@ -14,7 +14,9 @@ on the same draws. Prints accuracy, gain in points over the plain centroid and i
 
 "ensemble" (2026-12-07) is the box's head with the spread prior made from these photos (what it
 does since: edge.head.PriorMap), "head" the box's head without it. --ensemble-only prints just
-the plain centroid, the head and the ensemble (faster).
+the plain centroid, the head and the ensemble (faster); --against COMMIT adds the ensemble as it
+was at that commit, paired on the same draws (to check that a change to the head keeps its
+figures).
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=10)
     ap.add_argument("--classes", type=int, default=3)
     ap.add_argument("--ensemble-only", action="store_true")
+    ap.add_argument("--against", metavar="COMMIT", help="also the box's head as it was at this git commit "
+                    "(edge/head.py read with git show), paired on the same draws")
     args = ap.parse_args()
     root = Path(os.environ.get("EDGE_DATASETS", REPO.parent / "shared" / "datasets"))
     e = head_eval.embeddings(root, args.cache)
@@ -130,6 +134,14 @@ def main() -> None:
         h.set_samples(taught)
         return h.predict_closed(q)
     variants["ensemble"] = ensemble
+    if args.against:
+        from head_bench import against
+
+        def older(taught, q):
+            h = against(args.against, "centroid", mean, spread)
+            h.set_samples(taught)
+            return h.predict_closed(q)
+        variants[f"ensemble at {args.against}"] = older
     acc = {k: [] for k in variants}
     for seed in args.seeds:
         for taught, q, t in draws(train, test, names, args.shots, args.classes, args.trials, seed):
@@ -143,6 +155,10 @@ def main() -> None:
         h = 100 * (np.array(v) - np.array(acc["head"]))
         print(f"| {k} | {np.mean(v):.4f} | {d.mean():+.2f} | {d.std() / np.sqrt(len(d)):.2f} "
               f"| {h.mean():+.2f} | {h.std() / np.sqrt(len(h)):.2f} |")
+    if args.against:
+        d = 100 * (np.array(acc["ensemble"]) - np.array(acc[f"ensemble at {args.against}"]))
+        print(f"\nensemble now over the ensemble at {args.against}: {d.mean():+.3f} points "
+              f"(s.e. {d.std() / np.sqrt(len(d)):.3f}), {np.count_nonzero(d)} of {len(d)} trials differ")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The head's fit as it was before the Gram-matrix refit and its Woodbury form (one SVD of the
-residuals, then every sample whitened and averaged): the oracle that tests/test_evaluate.py and benchmarks/head_bench.py
+residuals, then each class mean or, for k-NN, every sample whitened): the oracle that tests/test_evaluate.py and benchmarks/head_bench.py
 compare the fast fit against (same residual rows)."""
 
 import numpy as np
@@ -19,15 +19,15 @@ def svd_whitener(residuals):
 
 
 class SvdHead(Head):
-    """Head whose choice view is fitted the old way (SVD of up to 256 x dim residuals, then every
-    sample whitened and averaged)."""
+    """Head whose choice view is fitted the old way: an SVD of up to 256 x dim residuals, then
+    the class means (or every sample, for k-NN) whitened."""
 
     def _choice_fit(self, groups, parts, blocks):
         rows = [b for _, b in blocks]
         basis, scale, inv_sqrt_lam = svd_whitener(np.vstack(rows) * spread_factor(rows))
         white = lambda q: l2_normalize(q * inv_sqrt_lam + ((q @ basis.T) * scale) @ basis)
-        if self.kind == "centroid":
-            means = l2_normalize(np.stack([white(g).mean(axis=0) for g in groups]))
+        if self.kind == "centroid":     # each class's mean, whitened
+            means = white(np.stack([g.mean(axis=0) for g in groups]))
             return lambda q: white(q) @ means.T
         index = _knn_index([white(g) for g in groups])
         return lambda q: _knn_scores(index, white(q), self.k)
