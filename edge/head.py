@@ -60,9 +60,8 @@ PRIOR_SHRINK = 3.0
 SPREAD_RANK = 384
 # The prior's view sees up to PRIOR_SAMPLES evenly spaced samples of each class (a class recorded
 # for 30 s is 200 near-duplicate frames; 32 of them, one every second, show its views as well) and
-# takes its spread from up to PRIOR_FIT_ROWS rows in all: a second view over every sample doubled
-# the refit after each recorded frame (30 ms against 15 at 8 x 200, one BLAS thread as in the
-# box; now 18 ms, benchmarks/README.md "2026-12-07, one BLAS thread"). Up to 10 shots of up to
+# takes its spread from up to PRIOR_FIT_ROWS rows in all: over every sample it doubled the refit
+# after each recorded frame (benchmarks/README.md, "2026-12-07, later"). Up to 10 shots of up to
 # 12 classes, every sample still counts in both views.
 PRIOR_SAMPLES = 32
 PRIOR_FIT_ROWS = 128

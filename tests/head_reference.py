@@ -1,6 +1,7 @@
 """The head's fit as it was before the Gram-matrix refit and its Woodbury form (one SVD of the
-residuals, then each class mean or, for k-NN, every sample whitened): the oracle that tests/test_evaluate.py and benchmarks/head_bench.py
-compare the fast fit against (same residual rows)."""
+residuals, then each class mean or, for k-NN, every sample whitened): the oracle that
+tests/test_evaluate.py and benchmarks/head_bench.py compare the fast fit against (same residual
+rows)."""
 
 import numpy as np
 
