@@ -346,7 +346,9 @@ def _knn_index(groups) -> dict:
         top = np.argsort(eig)[::-1][:KNN_RANK]
         top = top[eig[top] > eig.max() * 1e-9]
         basis = ((u[:, top].T @ sub) / np.sqrt(eig[top])[:, None]).astype(np.float32)
-        index.update(basis=basis, projected=np.ascontiguousarray(stacked @ basis.T))
+        # every row's coordinates, one row per basis vector: a frame's coarse product then
+        # reads them in order (48 against 61 us at 5,000 x 192 here)
+        index.update(basis=basis, projected=np.ascontiguousarray((stacked @ basis.T).T))
     return index
 
 
@@ -380,7 +382,7 @@ def _knn_scores(index: dict, w: np.ndarray, k: int) -> np.ndarray:
     stacked, sizes, width = index["stacked"], index["sizes"], index["width"]
     if index["basis"] is None or len(w) > KNN_FAST_ROWS:
         return _mean_of_best(_padded(w @ stacked.T, index), sizes, k)
-    coarse = _padded((w @ index["basis"].T) @ index["projected"].T, index)
+    coarse = _padded((w @ index["basis"].T) @ index["projected"], index)
     cand = min(max(KNN_CANDIDATES, k), width)
     cut = np.partition(coarse, width - cand, axis=2)[:, :, width - cand, None]
     out = np.empty((len(w), len(sizes)), dtype=np.float32)
