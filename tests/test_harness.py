@@ -42,3 +42,22 @@ def test_outside_ci_the_same_skip_stays_a_skip_with_its_reason(tmp_path):
     assert done.returncode == 0, done.stdout
     assert "2 skipped" in done.stdout
     assert "apt-get install frobnicate" in done.stdout
+
+
+def test_benchmarks_load_edge_before_numpy():
+    """edge/__init__.py gives numpy one BLAS thread, as the box runs; a benchmark that imports
+    numpy first measures two spinning OpenBLAS threads against the inference threads instead
+    (box_bench read 1.45-1.68 x invoke for 1.22-1.28, benchmarks/README.md)."""
+    import ast
+    late = []
+    for path in sorted((HERE.parent / "benchmarks").glob("*.py")):
+        first = {}
+        for node in ast.parse(path.read_text()).body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                top = name.split(".")[0]
+                first.setdefault(top, node.lineno)
+        if "numpy" in first and first["numpy"] < first.get("edge", 10 ** 9):
+            late.append(path.name)
+    assert not late, f"import edge before numpy in {late}"
