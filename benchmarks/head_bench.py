@@ -13,6 +13,7 @@ Times are medians; the two refits are interleaved, so other load on the machine 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -50,10 +51,9 @@ def head_at(commit: str):
 def against(commit: str, kind: str, mean, spread):
     """The head of that commit, with the spread prior when it takes one (since 72d86dc)."""
     cls = head_at(commit)
-    try:
+    if "spread" in inspect.signature(cls).parameters:
         return cls(kind, mean=mean, spread=spread)
-    except TypeError:
-        return cls(kind, mean=mean)
+    return cls(kind, mean=mean)
 
 
 def main() -> None:
