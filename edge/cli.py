@@ -63,11 +63,11 @@ def cmd_eval(args) -> int:
     from edge.engine import load_reference, load_spread, spread_beside
     from edge.evaluate import load_dataset, load_unknown, run_trials
     from edge.head import Head
+    if args.reference and not Path(args.reference).is_file():      # before the model loads
+        raise UserError(f"{args.reference}: no such file")
     engine = _embedder(args)
-    if args.reference:
-        mean = np.load(args.reference, allow_pickle=False).astype(np.float32)
-        if mean.shape != (engine.dim,):
-            raise UserError(f"{args.reference}: not a reference mean for this model")
+    if args.reference:      # checked like the model's own: a bad file is one line, not a traceback
+        mean = load_reference(engine.path, engine.dim, Path(args.reference))
         spread = load_spread(engine.path, engine.dim, spread_beside(args.reference))
     else:
         mean, spread = load_reference(engine.path, engine.dim), load_spread(engine.path, engine.dim)

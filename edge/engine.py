@@ -184,9 +184,10 @@ def spread_path(model_path: Union[str, Path]) -> Path:
     return spread_beside(reference_path(model_path))
 
 
-def load_reference(model_path: Union[str, Path], dim: int) -> Optional[np.ndarray]:
-    """The model's reference mean embedding (see `edge reference`), or None when there is none."""
-    return _load_beside(reference_path(model_path), "reference mean", "the unknown gate is less sharp",
+def load_reference(model_path: Union[str, Path], dim: int, path: Optional[Path] = None) -> Optional[np.ndarray]:
+    """The model's reference mean embedding (see `edge reference`; or the one at `path`), or None
+    when there is none."""
+    return _load_beside(path or reference_path(model_path), "reference mean", "the unknown gate is less sharp",
                         lambda a: a.shape == (dim,), f"model outputs {dim}")
 
 

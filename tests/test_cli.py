@@ -162,6 +162,21 @@ def test_reference_without_out_writes_into_the_current_folder_never_models(calib
     assert _snapshot(MODELS_DIR) == before
 
 
+def test_eval_with_a_bad_reference_file_says_so_in_one_line(clothing, tmp_path):
+    """`edge eval --reference FILE` with a missing file, a text file or a mean of the wrong size:
+    one error line and exit status, never a traceback."""
+    text, short = tmp_path / "notes.npy", tmp_path / "short.npy"
+    text.write_text("not an array\n")
+    np.save(short, np.zeros(5, np.float32))
+    for path, says, code in ((tmp_path / "none.npy", "no such file", 1), (text, "unreadable reference mean", 1),
+                             (short, "not a reference mean for this model", 1)):
+        out = subprocess.run([sys.executable, "-m", "edge", "eval", str(clothing), "--reference", str(path),
+                              "--trials", "1"], capture_output=True, text=True, timeout=300)
+        errors = [line for line in out.stderr.splitlines() if line.startswith("edge: error:")]
+        assert out.returncode == code and len(errors) == 1 and says in errors[0], out.stderr
+        assert "Traceback" not in out.stderr
+
+
 def test_check_config_prints_every_error_one_line_each_in_file_order(tmp_path):
     """Six bad settings in five sections, not in the order the config is read: six lines, in the
     order of the file, each with the real prefix, exit 2, and nothing on stdout."""
