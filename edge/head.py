@@ -341,7 +341,7 @@ def _knn_index(groups) -> dict:
     row_of[slot] = np.arange(len(stacked))
     index = {"stacked": stacked, "sizes": sizes, "width": width, "slot": slot, "basis": None, "row_of": row_of}
     if len(stacked) > KNN_EXACT_MAX:
-        sub = stacked[np.linspace(0, len(stacked) - 1, min(512, len(stacked))).astype(int)].astype(np.float64)
+        sub = _evenly(stacked, 512).astype(np.float64)
         eig, u = np.linalg.eigh(sub @ sub.T)
         top = np.argsort(eig)[::-1][:KNN_RANK]
         top = top[eig[top] > eig.max() * 1e-9]
@@ -522,9 +522,7 @@ class _Metric:
 def _loo_rows(g: np.ndarray) -> tuple:
     """(rows to score, their near-duplicate masks over all of g): up to MAX_LOO_ROWS evenly spaced
     rows of one class's gate-view samples; each row is a near-duplicate of itself."""
-    rows = np.arange(len(g))
-    if len(rows) > MAX_LOO_ROWS:
-        rows = rows[np.linspace(0, len(g) - 1, MAX_LOO_ROWS).astype(int)]
+    rows = _evenly(np.arange(len(g)), MAX_LOO_ROWS)
     dup = (g[rows] @ g.T) >= DUPLICATE
     dup[np.arange(len(rows)), rows] = True
     return rows, dup
