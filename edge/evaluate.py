@@ -65,13 +65,16 @@ def burst_frames(img, n: int, rng: np.random.Generator) -> list:
     from PIL import ImageEnhance
     out = [img]
     for _ in range(n - 1):
-        s = rng.uniform(0.85, 1.0)
-        w, h = max(1, int(img.width * s)), max(1, int(img.height * s))
-        left = int(rng.uniform(0, img.width - w + 1))
-        top = int(rng.uniform(0, img.height - h + 1))
-        view = img.crop((left, top, left + w, top + h))
+        view = _crop(img, rng.uniform(0.85, 1.0), rng)
         out.append(ImageEnhance.Brightness(view).enhance(rng.uniform(0.92, 1.08)))
     return out
+
+
+def _crop(img, s: float, rng: np.random.Generator):
+    """A crop of s of each side of img at a random place."""
+    w, h = max(1, int(img.width * s)), max(1, int(img.height * s))
+    left, top = int(rng.uniform(0, img.width - w + 1)), int(rng.uniform(0, img.height - h + 1))
+    return img.crop((left, top, left + w, top + h))
 
 
 def spread_views(img, n: int, rng: np.random.Generator) -> list:
@@ -80,13 +83,9 @@ def spread_views(img, n: int, rng: np.random.Generator) -> list:
     and contrast +-30 %, colour +-40 %. Deterministic for a seeded rng."""
     from PIL import Image, ImageEnhance, ImageOps
     img = img.convert("RGB")
-    w, h = img.size
     out = []
     for _ in range(n):
-        s = rng.uniform(0.55, 1.0)
-        cw, ch = max(1, int(w * s)), max(1, int(h * s))
-        left, top = int(rng.uniform(0, w - cw + 1)), int(rng.uniform(0, h - ch + 1))
-        view = img.crop((left, top, left + cw, top + ch))
+        view = _crop(img, rng.uniform(0.55, 1.0), rng)
         view = ImageOps.mirror(view) if rng.random() < 0.5 else view
         view = view.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR)
         for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast):
