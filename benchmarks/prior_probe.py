@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import head_eval  # noqa: E402
 from edge.engine import DEFAULT_MODEL, Embedder  # noqa: E402
 from edge.evaluate import embed_reference  # noqa: E402
-from edge.head import Head, gate_features, l2_normalize, plain_centroid_predict, spread_prior  # noqa: E402
+from edge.head import Head, gate_features, l2_normalize, plain_centroid_predict  # noqa: E402
 
 
 def augmented(root: Path, cache: Path | None) -> np.ndarray:
@@ -113,10 +113,7 @@ def main() -> None:
     e = head_eval.embeddings(root, args.cache)
     names = sorted(k.split("/")[1] for k in e if k.startswith("train/"))
     train, test, mean = {c: e[f"train/{c}"] for c in names}, {c: e[f"test/{c}"] for c in names}, e["mean"]
-    aug = augmented(root, args.cache)
-    g = gate_features(aug.reshape(-1, aug.shape[-1]), mean).reshape(aug.shape)
-    r = (g - g.mean(axis=1, keepdims=True)).reshape(-1, aug.shape[-1]).astype(np.float64)
-    prior = np.linalg.eigh(r.T @ r / len(r))
+    spread = e["spread"]            # the box's prior, made by head_eval from these photos
 
     def head(taught, q):
         h = Head(mean=mean)
@@ -124,10 +121,13 @@ def main() -> None:
         return h.predict_closed(q)
 
     variants = {"plain centroid": plain_centroid_predict, "head": head}
-    if not args.ensemble_only:
+    if not args.ensemble_only:      # the variants need the full C: the views themselves
+        aug = augmented(root, args.cache)
+        g = gate_features(aug.reshape(-1, aug.shape[-1]), mean).reshape(aug.shape)
+        r = (g - g.mean(axis=1, keepdims=True)).reshape(-1, aug.shape[-1]).astype(np.float64)
+        prior = np.linalg.eigh(r.T @ r / len(r))
         for alpha, shrink, plain in ((0, 3, 0), (3, 3, 0), (1, 1, 0.4), (3, 3, 0.4), (10, 3, 0.4), (10, 10, 0.4)):
             variants[f"a{alpha} s{shrink} p{plain}"] = prior_variant(prior, mean, alpha, shrink, plain)
-    spread = spread_prior(aug, mean)
 
     def ensemble(taught, q):
         h = Head(mean=mean, spread=spread)
