@@ -222,6 +222,9 @@ class Box:
                 self._end_recording()  # a timed recording ends even when no frame comes
             self._check_links()
             return
+        # commands that came while the camera was waiting for this frame apply to it: a record
+        # command sent over MQTT just before its first picture must record that picture
+        self._drain()
         try:
             rgb = self.engine.prepare(frame)
             vec = self.engine.invoke(rgb)

@@ -429,3 +429,29 @@ def test_a_broken_spread_prior_costs_the_prior_not_the_box(tmp_path, engine, clo
     box.head.set_samples({"A": embed("train", "shoes"), "B": embed("train", "hat")})
     assert (box.head.predict_closed(embed("test", "hat")) == 1).all()
     store.close()
+
+
+def test_a_command_that_came_while_waiting_for_a_frame_applies_to_that_frame(tmp_path, engine, clothing):
+    """Over MQTT a record command and then its first picture arrive while the loop waits for a
+    picture: the command must take effect first, so that picture is learned, not classified (the
+    documented teach-over-MQTT snippet lost its first picture, and recorded the test photo)."""
+    from edge.commands import Record, Request
+    from edge.image import load_image
+    photo = np.asarray(load_image(list_images(clothing / "train" / "shoes")[0]))
+
+    class Sender(FolderCamera):
+        """A picture source whose sender also sends a command just before each picture."""
+
+        def read(self):
+            box.submit(Request(Record(cls="A", count=1), "mqtt"))
+            return photo
+
+    cfg = parse_config({"classes": [{"name": "A"}], "function_button": None, "status_led": None,
+                        "camera": {"source": "folder", "folder": str(tmp_path)},
+                        "store": {"path": str(tmp_path / "store")}}, base=tmp_path)
+    store = Store(cfg.store.path, engine.model_id, engine.dim)
+    store.open()
+    box = Box(cfg, engine, store, Sender(tmp_path), None, queue.Queue())
+    box.step()
+    assert {c.name: c.count for c in store.classes()} == {"A": 1} and box.recording is None
+    store.close()
