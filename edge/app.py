@@ -33,6 +33,7 @@ from edge.image import ImageError
 from edge.panel import Panel, Press
 from edge.smoothing import UNKNOWN, Smoother
 from edge.store import SOURCES, NotFound, Store, StoreError
+from edge.store_db import why
 from edge.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -448,9 +449,16 @@ class Box:
     def _do_import(self, cmd: C.Import, source):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "upload"
-            path.write_bytes(cmd.data)
+            try:
+                path.write_bytes(cmd.data)
+            except OSError as exc:
+                raise StoreError(f"cannot keep the file to import: {why(exc)}") from None
+            try:
+                imported = transfer.read(self.store, path, "the file")
+            except transfer.ImportRefused as exc:     # a wrong file: refused, nothing changes
+                raise CommandError(str(exc)) from None
             self._end_recording()
-            note = import_file(self.store, self.cfg, path)
+            note = install_import(self.store, self.cfg, imported)
         self._refit()
         self._emit({"event": "imported", "message": note})
         self._announce_state()
@@ -767,9 +775,13 @@ def bind_to_config(store: Store, classes) -> None:
 
 def import_file(store: Store, cfg, path: Path) -> str:
     """Replace what the store holds with an export file's content, checked whole first (the store
-    is untouched when anything is refused). Classes the config has get their buttons back; the
-    others become classes without button or LED. Returns one line saying what happened."""
-    imported = transfer.read(store, path)
+    is untouched when anything is refused). Returns one line saying what happened."""
+    return install_import(store, cfg, transfer.read(store, path))
+
+
+def install_import(store: Store, cfg, imported) -> str:
+    """Replace what the store holds with a `transfer.read` file. Classes the config has get their
+    buttons back; the others become classes without button or LED."""
     with store.command():
         transfer.apply(store, imported)
         bind_to_config(store, cfg.classes)

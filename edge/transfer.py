@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 import time
 import zipfile
@@ -33,6 +34,11 @@ META, VECTORS, THUMBNAILS = legacy_store.META, legacy_store.VECTORS, "thumbnails
 
 class _Refused(Exception):
     """Why a file is refused, in one line."""
+
+
+class ImportRefused(StoreError):
+    """A file `read` refuses for what it holds (not a fault of the store: a box told to import
+    a wrong file must not signal a storage fault)."""
 
 
 @dataclass
@@ -100,16 +106,18 @@ def export(store: Store, path: Path, thumbnails: bool = False) -> None:
                 os.unlink(tmp)
 
 
-def read(store: Store, path: Path) -> Imported:
-    """Read and check a whole export file for this store without changing anything (StoreError
-    to refuse, in one line)."""
+def read(store: Store, path: Path, name: Optional[str] = None) -> Imported:
+    """Read and check a whole export file for this store without changing anything; a refusal
+    in one line (ImportRefused for what the file holds, StoreError when it cannot be read),
+    naming it `name` (default: its path)."""
     path = Path(path)
+    name = str(path) if name is None else name
     try:
         return _read(store, path)
     except (_Refused, legacy_store.LegacyError, rules.RuleError) as e:
-        raise StoreError(f"cannot import {path}: {e}") from None
+        raise ImportRefused(f"cannot import {name}: {e}") from None
     except OSError as e:
-        raise StoreError(f"cannot import {path}: {why(e)}") from None
+        raise StoreError(f"cannot import {name}: {why(e)}") from None
 
 
 def apply(store: Store, imported: Imported) -> None:
@@ -131,7 +139,10 @@ def apply(store: Store, imported: Imported) -> None:
 
 def _read(store: Store, path: Path) -> Imported:
     bounds = limits(store)
-    size = path.stat().st_size
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):     # a device or pipe has no size to check: /dev/zero never ends
+        raise _Refused("it is not a regular file")
+    size = info.st_size
     if size > import_limit(store):
         raise _Refused(f"it is too large ({size} bytes) for {rules.MAX_CLASSES} classes of "
                        f"{store.max_per_class} samples")
@@ -179,7 +190,9 @@ def _version_2(store: Store, path: Path, meta: dict, raw_vectors: bytes, raw_thu
     classes, settings = meta.get("classes"), meta.get("settings")
     if not isinstance(classes, list) or not isinstance(settings, dict):
         raise _Refused(f"{META} has no list of classes or no settings")
-    names = rules.class_names([c.get("name") if isinstance(c, dict) else c for c in classes])
+    if not all(isinstance(c, dict) for c in classes):
+        raise _Refused(f"{META} has a class that is not an object")
+    names = rules.class_names([c.get("name") for c in classes])
     buttons, counts = [], []
     for c, name in zip(classes, names):
         count, ts, source = c.get("count"), c.get("ts"), c.get("source")

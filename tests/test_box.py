@@ -1,10 +1,14 @@
 """The box end to end, in process: real model, real photos through a folder camera, real gpiozero
 on mock pins, a real store on disk. Hold a button while photos play, then watch the LEDs."""
 
+import io
+import json
+import os
 import queue
 import shutil
 import threading
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -243,6 +247,42 @@ def test_commands_answer_and_bad_ones_change_nothing(rig, clothing):
     rig.pin("GPIO17").drive_low()   # the renamed class keeps its button
     assert wait_for(lambda: rig.counts().get("Shoes", 0) > before["A"])
     rig.pin("GPIO17").drive_high()
+
+
+def test_a_wrong_file_to_import_is_refused_without_a_fault_or_ending_a_recording(rig, clothing):
+    """A wrong file chosen on the web page's "Load a file" put the box into a storage fault (the
+    status LED's full-card pattern) and ended a recording; a class entry that was not an object
+    stopped the command unanswered."""
+    rig.teach("A", list_images(clothing / "train" / "shoes"), 4)
+    replies = []
+    rig.box.submit(C.Request(C.Export(), "web", None, replies.append))
+    assert wait_for(lambda: replies)
+    with zipfile.ZipFile(io.BytesIO(replies[0]["data"])) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    meta = json.loads(members["meta.json"])
+    meta["classes"][0] = "A"
+    members["meta.json"] = json.dumps(meta).encode()
+    hostile = io.BytesIO()
+    with zipfile.ZipFile(hostile, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    rig.show(list_images(clothing / "train" / "hat"))
+    rig.pin(PINS["B"][0]).drive_low()               # a child records B meanwhile
+    assert wait_for(lambda: rig.counts().get("B", 0) >= 1)
+    before = rig.counts()["A"]
+    for data in (os.urandom(30000), hostile.getvalue()):
+        rig.box.submit(C.Request(C.Import(data), "web", None, replies.append))
+    assert wait_for(lambda: len(replies) == 3, 10), replies
+    for r in replies[1:]:
+        assert r["ok"] is False and r["error"].startswith("cannot import the file: "), r
+        assert "/" not in r["error"].split(":", 1)[0] and "\n" not in r["error"], r
+    assert "not an object" in replies[2]["error"]
+    assert rig.box.fault is None and not any(e.get("source") == "storage" for e in rig.events), rig.events
+    assert rig.box.recording is not None, "the recording goes on"
+    grown = rig.counts()["B"]
+    assert wait_for(lambda: rig.counts()["B"] > grown)
+    rig.pin(PINS["B"][0]).drive_high()
+    assert rig.counts()["A"] == before and rig.thread.is_alive()
 
 
 def test_gallery_commands_list_delete_and_survive_restart(rig, clothing):

@@ -823,6 +823,7 @@ REFUSED_V2 = {
         {"name": f"c{i}", "button": None, "nothing": False, "count": 0, "ts": [], "source": []} for i in range(6)),
         "at most 8"),
     "thumbnail sizes": (_set(thumbnails=[1, 2, 3]), "thumbnails"),
+    "a class as a string": (lambda m: m.update(classes=["cup"] + m["classes"][1:]), "not an object"),
 }
 
 
@@ -858,6 +859,15 @@ def test_broken_files_are_refused(tmp_path, case):
         path = _v2(tmp_path, lambda m: None, [("../evil" if case == "unsafe member" else "x.txt", b"x")])
     with pytest.raises(StoreError, match="cannot import"):
         transfer.read(s, path)
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/stdin"])
+def test_a_device_or_pipe_is_refused_without_reading_it(tmp_path, device):
+    """`edge import /dev/zero` read until the machine ran out of memory: a device has no size to
+    check against the limit."""
+    s = opened(tmp_path / "s")
+    with pytest.raises(transfer.ImportRefused, match="not a regular file"):
+        transfer.read(s, Path(device))
 
 
 def test_a_zip_bomb_is_refused_before_inflating(tmp_path):
