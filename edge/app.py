@@ -333,9 +333,11 @@ class Box:
                               until=None if cmd.seconds is None else time.monotonic() + cmd.seconds,
                               count=cmd.count)
 
-    def _do_stop(self, cmd, source):
+    def _do_stop(self, cmd: C.StopRecording, source):
         if self.recording is None:
             raise CommandError("not recording")
+        if cmd.cls is not None and self._known(cmd.cls) != self.recording.name:
+            raise CommandError(f"not recording {self._known(cmd.cls)} (recording {self.recording.name})")
         self._end_recording()
 
     def _do_undo(self, cmd, source):

@@ -49,7 +49,10 @@ class Record(Command):
 
 @dataclass(frozen=True)
 class StopRecording(Command):
+    """End the recording; with a class, only a recording of that class (a page that closes must
+    not end what Scratch or MQTT took over)."""
     action: ClassVar[str] = "record/stop"
+    cls: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,7 @@ def _too_deep(text: str) -> bool:
 
 def request_id(value: Any) -> Any:
     """A usable request id (short text or integer), else None."""
-    if isinstance(value, str) and len(value) <= MAX_ID:
+    if isinstance(value, str) and len(value) <= MAX_ID and _is_text(value):
         return value
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2 ** 63:
         return value
@@ -251,6 +254,8 @@ def decode(payload: bytes, max_bytes: int = MAX_PAYLOAD) -> Tuple[Any, Any]:
         body = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise CommandInvalid(f"payload is not valid JSON ({str(exc)[:80]})") from None
+    if not _is_text(body):
+        raise CommandInvalid("payload holds a lone surrogate escape such as \\ud800, which is not text")
     if isinstance(body, str):
         body = body.strip()
         if not body:
@@ -262,6 +267,16 @@ def decode(payload: bytes, max_bytes: int = MAX_PAYLOAD) -> Tuple[Any, Any]:
     if ident is not None and request_id(ident) is None:
         raise CommandInvalid(f"'id' must be a text of at most {MAX_ID} characters or an integer")
     return body, ident
+
+
+def _is_text(value: Any) -> bool:
+    """False when a decoded JSON value holds a lone surrogate ("\\ud800" decodes to one): such a
+    string cannot be written back as UTF-8, so an answer echoing it could not be sent."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def loose_id(payload: bytes) -> Any:
@@ -328,6 +343,13 @@ def _plain(cls):
             _only(body, ())
         return cls()
     return parse
+
+
+def _stop(body):
+    if not isinstance(body, dict):     # any text: Node-RED's inject sends a timestamp
+        return StopRecording()
+    _only(body, ("class",))
+    return StopRecording(_name(body["class"], "class") if "class" in body else None)
 
 
 def _clear(body):
@@ -410,7 +432,7 @@ def _thumbnails(body):
 
 PARSERS: Dict[str, Callable[[Any], Command]] = {
     "record": _record,
-    "record/stop": _plain(StopRecording),
+    "record/stop": _stop,
     "undo": _plain(Undo),
     "clear": _clear,
     "rename": _rename,

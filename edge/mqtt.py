@@ -487,7 +487,9 @@ class MqttLink(Outputs):
 
 
 def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+    """UTF-8 JSON; a lone surrogate (a file name that is not UTF-8, a "\\ud800" in a request) as
+    its JSON escape, since inside a JSON string that is what backslashreplace writes."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
 
 
 def _str(path) -> Optional[str]:

@@ -272,7 +272,7 @@ class WebServer:
         if len(tries) >= PIN_TRIES or len(self._failures_all) >= PIN_TRIES_ALL:
             oldest = tries[0] if len(tries) >= PIN_TRIES else self._failures_all[0]
             return f"too many wrong PINs; try again in {max(1, round(PIN_WINDOW - (now - oldest)))} s"
-        if isinstance(pin, str) and hmac.compare_digest(pin.encode(), self._pin.encode()):
+        if isinstance(pin, str) and hmac.compare_digest(pin.encode("utf-8", "surrogatepass"), self._pin.encode()):
             if not tries:
                 self._failures.pop(address, None)
             return None
@@ -334,7 +334,7 @@ class WebServer:
             self._clients.discard(client)
             client.set_watching(False)
             if client.recording is not None:   # hold to teach: leaving the page lets go
-                self._submit(Request(commands.StopRecording(), source="web"))
+                self._submit(Request(commands.StopRecording(client.recording), source="web"))
             writer.cancel()
         return ws
 
@@ -484,6 +484,9 @@ class _Client:
                     await self.ws.send_bytes(frame)
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
             pass
+        except Exception:       # never a page left open but silent: it reconnects
+            log.exception("web: sending to a page failed; closing its connection")
+            await self.ws.close()
 
 
 def _editor_files(folder: Optional[Path]) -> Dict[str, tuple]:
@@ -516,7 +519,14 @@ def _editor_files(folder: Optional[Path]) -> Dict[str, tuple]:
 # --- helpers -------------------------------------------------------------------------------------
 
 def _json_text(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    """JSON text a WebSocket can send: a lone surrogate (a file name that is not UTF-8) as its
+    JSON escape (see edge.mqtt._json)."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 _json = _json_text

@@ -285,6 +285,22 @@ def test_a_wrong_file_to_import_is_refused_without_a_fault_or_ending_a_recording
     assert rig.counts()["A"] == before and rig.thread.is_alive()
 
 
+def test_a_stop_for_one_class_leaves_the_recording_of_another(rig, clothing):
+    """A web page that closes stops only the class it was recording: Scratch or MQTT may have
+    taken the recording over meanwhile."""
+    rig.show(list_images(clothing / "train" / "shoes"))
+    replies = []
+    rig.send("record", {"class": "B", "count": 500}, replies.append)
+    assert wait_for(lambda: rig.counts().get("B", 0) >= 1)
+    rig.send("record/stop", {"class": "a"}, replies.append)
+    assert wait_for(lambda: len(replies) == 2)
+    assert replies[1] == {"action": "record/stop", "ok": False, "error": "not recording A (recording B)"}
+    grown = rig.counts()["B"]
+    assert wait_for(lambda: rig.counts()["B"] > grown), "B goes on recording"
+    rig.send("record/stop", {"class": "b"}, replies.append)
+    assert wait_for(lambda: len(replies) == 3) and replies[2]["ok"] and rig.box.recording is None
+
+
 def test_gallery_commands_list_delete_and_survive_restart(rig, clothing):
     rig.teach("A", list_images(clothing / "train" / "shoes"), 5)
     replies = []

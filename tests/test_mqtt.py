@@ -187,6 +187,7 @@ GOOD = [
     ("record", b'{"class": "hat", "count": 20, "id": "r1"}', C.Record("hat", count=20), "r1"),
     ("record/stop", b"{}", C.StopRecording(), None),
     ("record/stop", b"1700000000", C.StopRecording(), None),     # Node-RED's inject sends a timestamp
+    ("record/stop", b'{"class": "shoes"}', C.StopRecording("shoes"), None),
     ("undo", b'{"id": 7}', C.Undo(), 7),
     ("clear", b'{"all": true}', C.Clear(None), None),
     ("clear", b"hat", C.Clear("hat"), None),
@@ -258,6 +259,9 @@ BAD = [
     ("classes", b"cap", "classes needs a JSON object"),
     ("nothing", b'{"class": "shoes", "nothing": "yes"}', "true or false"),
     ("thumbnails", b'{"ids": []}', "'ids'"),
+    ("state", b'{"id": "\\ud800"}', "lone surrogate"),     # the answer echoing it could not be sent
+    ("record", b'{"class": "\\udcff"}', "lone surrogate"),
+    ("jump", b'{"id": "\\ud800"}', "lone surrogate"),
 ]
 
 

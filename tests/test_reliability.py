@@ -244,7 +244,7 @@ def test_power_loss_while_recording_loses_no_acknowledged_sample(tmp_path, broke
 PATHS = ["../../etc/passwd", "/etc/shadow", "..\\..\\boot.ini", "~/.ssh/id_rsa", "file:///etc/passwd",
          "/tmp/edge-pwned", "../store/journal.bin", "var/store/../../x", "\0/etc/passwd", "aside/../../evil"]
 KEYS = {"record": ("class", "seconds", "count"), "clear": ("class", "all"), "rename": ("from", "to"),
-        "threshold": ("value",), "classes": ("add", "remove"), "record/stop": (), "undo": (), "state": (),
+        "threshold": ("value",), "classes": ("add", "remove"), "record/stop": ("class",), "undo": (), "state": (),
         "nothing": ("class", "nothing"), "samples": ("class", "limit", "before"), "sample/delete": ("sample",),
         "burst/delete": ("burst",), "thumbnails": ("ids",), "hints": ()}
 ODD = [None, True, False, 0, -1, 1, 2.5, -1e308, 1e308, 10 ** 40, "", " ", "shoes", "SHOES", "hat",

@@ -201,7 +201,7 @@ def test_commands_are_parsed_by_the_one_command_model(server):
     wait_until(lambda: len(queue.requests) >= 3, 10, 0.05, "the server to let go of the recording")
     assert [r.command for r in queue.requests] == [commands.Record("A", seconds=30.0),
                                                   commands.ListSamples("A", limit=10),
-                                                  commands.StopRecording()]   # the socket closed
+                                                  commands.StopRecording("A")]   # the socket closed
 
 
 def test_pin_guards_every_change_and_wrong_pins_are_rate_limited(server):
@@ -235,6 +235,26 @@ def test_pin_guards_every_change_and_wrong_pins_are_rate_limited(server):
     assert status == 403 and b"too many wrong PINs" in body, "the lock covers the file routes too"
 
 
+def test_a_lone_surrogate_is_refused_and_the_page_keeps_getting_answers(server):
+    """'\\ud800' in a message decoded to text that cannot be sent back: the writer died and the
+    page got nothing more, and a PIN like it dropped the connection."""
+    srv, queue = server(pin="2468")
+
+    async def script(ws, inbox):
+        await inbox("hello")
+        await ws.send_str('{"type": "login", "pin": "\\ud800"}')
+        bad_login = await inbox("result")
+        await ws.send_str('{"action": "state", "id": "\\ud800"}')
+        bad_id = await inbox("result")
+        await ws.send_json({"action": "state", "id": 3})
+        return bad_login, bad_id, await inbox("result")
+    bad_login, bad_id, state = run(ws_session(srv, script))
+    assert not bad_login["ok"] and "lone surrogate" in bad_login["error"]
+    assert not bad_id["ok"] and "lone surrogate" in bad_id["error"]
+    assert state["ok"] and state["id"] == 3
+    assert [r.command for r in queue.requests] == [commands.State()]
+
+
 def test_right_pin_unlocks_the_connection(server):
     srv, queue = server(pin="2468")
 
@@ -260,7 +280,7 @@ def test_leaving_the_page_while_teaching_stops_the_recording(server):
         await inbox("result")
     run(ws_session(srv, script))
     wait_until(lambda: len(queue.requests) == 2, 10, what="the stop after the page closed")
-    assert [r.command for r in queue.requests] == [commands.Record("A", seconds=30.0), commands.StopRecording()]
+    assert [r.command for r in queue.requests] == [commands.Record("A", seconds=30.0), commands.StopRecording("A")]
 
 
 def test_uploads_are_bounded_and_export_import_travel_as_files(server):

@@ -274,9 +274,11 @@ function startTeach(name, button) {
 
 function stopTeach(button) {
   if (!holding) return;
+  const name = holding;
   holding = null;
   resetHold(button);
-  send("record/stop").then((r) => { if (!r.ok && r.error !== "not recording") say("teach-msg", r.error, false); });
+  // only the class this page records: what Scratch or MQTT took over meanwhile goes on
+  send("record/stop", { class: name }).then((r) => { if (!r.ok && !r.error.startsWith("not recording")) say("teach-msg", r.error, false); });
 }
 
 function resetHold(button) {
