@@ -32,7 +32,7 @@ from typing import Any, Callable, Deque, Dict, Optional, Set
 
 from aiohttp import WSMsgType, web
 
-from edge import __version__, commands
+from edge import __version__, commands, rules
 from edge.commands import CommandInvalid, Request
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,9 @@ class WebServer:
         if request.method == "POST" or request.path == "/ws":
             origin = request.headers.get("Origin")
             if origin is not None and not _same_origin(origin, request):
-                log.warning("web: refused a %s from another site (%s)", request.path, origin[:80])
+                # escaped: a path's %0A decodes to a newline, which would forge a log line
+                log.warning("web: refused a %s from another site (%s)", rules.show(request.path, 80),
+                            rules.show(origin, 80))
                 return _refuse(403, "requests from other sites are refused")
         elif request.method not in ("GET", "HEAD"):
             return _refuse(405, "method not allowed")

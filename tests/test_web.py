@@ -9,6 +9,7 @@ Screenshots of the main views go to $EDGE_WEB_SCREENSHOTS when set (docs/ for th
 import asyncio
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -156,6 +157,15 @@ def test_no_get_changes_anything_and_foreign_sites_are_refused(server):
         run(ws_session(srv, lambda ws, inbox: inbox(), host="attacker.example.com"))
     assert err.value.status == 421
     assert queue.requests == [], "nothing refused may reach the loop"
+
+
+def test_a_refused_path_cannot_forge_a_log_line(server, caplog):
+    srv, _ = server()
+    with caplog.at_level(logging.WARNING, logger="edge.web"):
+        status, _, _ = http(srv, "/api/export%0AERROR%20edge.app:%20FAKE", "POST", b"", {"Origin": "http://evil.example"})
+    assert status == 403
+    refused = [r.getMessage() for r in caplog.records if "another site" in r.getMessage()]
+    assert refused and all("\n" not in m for m in refused), refused
 
 
 def test_same_origin_page_may_post_and_connect(server):
