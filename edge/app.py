@@ -747,12 +747,14 @@ class Box:
         self._tell("state", self.state())
 
 
-def bind_to_config(store: Store, classes) -> None:
+def bind_to_config(store: Store, classes) -> List[str]:
     """Inside a store command: give each config class (ClassConfig) its button, matching the
     store's classes by name ignoring case and adding the ones the store lacks; unbind buttons the
     config no longer has (those classes stay, without button or LED); apply `nothing: true`.
-    Used at every start and after an import, so both follow the same rule."""
+    Used at every start and after an import, so both follow the same rule. Returns the config
+    classes that did not fit (the store holds MAX_CLASSES others): their buttons do nothing."""
     wiring = {c.name: c for c in classes}
+    left_out = []
     for c in store.classes():
         if c.button is not None and c.button not in wiring:
             store.bind_button(c.name, None)
@@ -771,8 +773,10 @@ def bind_to_config(store: Store, classes) -> None:
             elif same is None:
                 log.error("class %s from the config does not fit: the box knows %d classes "
                           "already (remove one)", name, rules.MAX_CLASSES)
+                left_out.append(name)
         if mine is not None and config.nothing and not mine.nothing:
             store.set_nothing(mine.name, True)
+    return left_out
 
 
 def import_file(store: Store, cfg, path: Path) -> str:
@@ -786,7 +790,7 @@ def install_import(store: Store, cfg, imported) -> str:
     buttons back; the others become classes without button or LED."""
     with store.command():
         transfer.apply(store, imported)
-        bind_to_config(store, cfg.classes)
+        left_out = bind_to_config(store, cfg.classes)
     infos = store.classes()
     total = sum(c.count for c in infos)
     loose = [c.name for c in infos if c.button is None]
@@ -794,6 +798,9 @@ def install_import(store: Store, cfg, imported) -> str:
     if loose:
         note += (f"; not in the config, so without button or LED: {', '.join(loose)} "
                  f"(add them to config.yaml's classes to wire them)")
+    if left_out:
+        note += (f"; the buttons of {', '.join(left_out)} have no class now: the box knows "
+                 f"{rules.MAX_CLASSES} classes, the most (remove one to give them back)")
     log.info("%s", note)
     return note
 

@@ -285,6 +285,30 @@ def test_a_wrong_file_to_import_is_refused_without_a_fault_or_ending_a_recording
     assert rig.counts()["A"] == before and rig.thread.is_alive()
 
 
+def test_an_import_that_fills_every_class_slot_says_which_buttons_lost_their_class(tmp_path):
+    """Eight imported classes, none of them the config's A, B, C: the import said only that the
+    eight had no button; that A, B and C's buttons now do nothing was in the log alone."""
+    from edge import rules, transfer
+    from edge.app import import_file
+    dim = 8
+    src = Store(tmp_path / "src", "m", dim)
+    src.open()
+    with src.command():
+        for i in range(rules.MAX_CLASSES):
+            src.add_class(f"X{i}")
+            src.add_samples(f"X{i}", np.full((1, dim), i + 1, np.float32), "import", src.new_burst())
+    transfer.export(src, tmp_path / "eight.edge")
+    src.close()
+    cfg = parse_config({"classes": [{"name": n, "button": b, "led": l} for n, (b, l) in PINS.items()],
+                        "store": {"path": str(tmp_path / "box")}}, base=tmp_path)
+    box = Store(cfg.store.path, "m", dim)
+    box.open()
+    note = import_file(box, cfg, tmp_path / "eight.edge")
+    assert "the buttons of A, B have no class now" in note and "\n" not in note, note
+    assert [c.name for c in box.classes()] == [f"X{i}" for i in range(rules.MAX_CLASSES)]
+    box.close()
+
+
 def test_a_stop_for_one_class_leaves_the_recording_of_another(rig, clothing):
     """A web page that closes stops only the class it was recording: Scratch or MQTT may have
     taken the recording over meanwhile."""
