@@ -24,9 +24,39 @@ class UserError(Exception):
         self.code = code
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's way of reporting a problem the user can fix: one line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(lowest: int):
+    """argparse type: a whole number of at least `lowest` (refused at parse time, before any
+    model or photo is loaded)."""
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
+        return value
+    return whole_number
+
+
+def _threshold(text: str):
+    """argparse type for --threshold: the box's own rule (rules.threshold)."""
+    from edge.rules import RuleError, threshold
+    try:
+        return threshold(text)
+    except RuleError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a .tflite image model (default: the int8 MobileNetV2 224)")
-    p.add_argument("--threads", type=int, default=None, help="interpreter threads (default: all cores)")
+    p.add_argument("--threads", type=_at_least(1), default=None, help="interpreter threads (default: all cores)")
     p.add_argument("--kernels", choices=("auto", "builtin", "reference"), default="auto",
                    help="LiteRT kernel set; 'reference' for emulators")
 
@@ -71,14 +101,11 @@ def cmd_eval(args) -> int:
         spread = load_spread(engine.path, engine.dim, spread_beside(args.reference))
     else:
         mean, spread = load_reference(engine.path, engine.dim), load_spread(engine.path, engine.dim)
-    if args.burst < 1:
-        raise UserError("--burst must be at least 1")
     train, test = load_dataset(Path(args.dataset), engine.embed, burst=args.burst)
     unknown = load_unknown(Path(args.unknown), engine.embed) if args.unknown else None
     nothing = load_unknown(Path(args.nothing), engine.embed) if args.nothing else None
-    threshold = "auto" if args.threshold == "auto" else float(args.threshold)
     result = run_trials(train, test, shots=args.shots, trials=args.trials, seed=args.seed,
-                        head_factory=lambda: Head(args.head, k=args.k, mean=mean, threshold=threshold, spread=spread),
+                        head_factory=lambda: Head(args.head, k=args.k, mean=mean, threshold=args.threshold, spread=spread),
                         unknown=unknown, holdout=args.holdout_classes, classes=args.classes,
                         nothing=nothing, nothing_shots=args.nothing_shots)
     result.update(model=str(engine.path), head=args.head, threshold=args.threshold)
@@ -239,7 +266,7 @@ def cmd_import(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge", description=__doc__)
+    parser = _Parser(prog="edge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -272,23 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="few-shot accuracy of the head on a folder of class folders")
     p.add_argument("dataset", metavar="DATASET")
-    p.add_argument("--shots", type=int, default=10, help="training images per class (default 10)")
-    p.add_argument("--trials", type=int, default=20, help="seeded random draws (default 20)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shots", type=_at_least(1), default=10, help="training images per class (default 10)")
+    p.add_argument("--trials", type=_at_least(1), default=20, help="seeded random draws (default 20)")
+    p.add_argument("--seed", type=_at_least(0), default=0)
     p.add_argument("--head", choices=("centroid", "knn"), default="centroid")
-    p.add_argument("--k", type=int, default=3, help="neighbours for the knn head")
+    p.add_argument("--k", type=_at_least(1), default=3, help="neighbours for the knn head")
     p.add_argument("--unknown", metavar="DIR", help="photos of none of the classes: reports unknown_rate")
-    p.add_argument("--holdout-classes", type=int, default=0, metavar="M",
+    p.add_argument("--holdout-classes", type=_at_least(0), default=0, metavar="M",
                    help="never train M classes per trial: reports holdout_unknown_rate")
-    p.add_argument("--classes", type=int, default=0, metavar="N",
+    p.add_argument("--classes", type=_at_least(0), default=0, metavar="N",
                    help="teach N random classes per trial, like an N-button kit (default all)")
-    p.add_argument("--burst", type=int, default=1, metavar="F",
+    p.add_argument("--burst", type=_at_least(1), default=1, metavar="F",
                    help="each shot is a burst of F near-duplicate frames (crops of one photo)")
     p.add_argument("--nothing", metavar="DIR",
                    help="unrelated photos: some taught as a 'nothing' class, reports nothing_unknown_rate for the rest")
-    p.add_argument("--nothing-shots", type=int, default=20, metavar="N",
+    p.add_argument("--nothing-shots", type=_at_least(1), default=20, metavar="N",
                    help="photos of --nothing taught per trial (default 20)")
-    p.add_argument("--threshold", default="auto", help="unknown gate: 'auto' or a number (default auto)")
+    p.add_argument("--threshold", type=_threshold, default="auto", help="unknown gate: 'auto' or a number from -1 to 1 (default auto)")
     p.add_argument("--reference", metavar="NPY", help="reference mean to use instead of the model's own")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_model_args(p)
@@ -303,10 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reference)
 
     p = sub.add_parser("bench", help="measure engine speed and memory as ratios")
-    p.add_argument("--runs", type=int, default=200, help="timed invokes per measurement")
+    p.add_argument("--runs", type=_at_least(1), default=200, help="timed invokes per measurement")
     p.add_argument("--json", action="store_true")
     p.add_argument("--model", help="the int8 model to measure (default: the default model)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=_at_least(1), default=None)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -104,6 +104,7 @@ def is_number(value: Any) -> bool:
 
 def threshold(value: Any) -> Union[str, float]:
     """The unknown threshold: "auto" or a cosine score from -1 to 1 (a numeric text is accepted)."""
+    given = value
     if isinstance(value, str):
         text = value.strip()
         if text.lower() == THRESHOLD_AUTO:
@@ -113,7 +114,7 @@ def threshold(value: Any) -> Union[str, float]:
         except ValueError:
             value = None
     if not is_number(value) or not -1.0 <= value <= 1.0:
-        raise RuleError(f"threshold must be 'auto' or a number from -1 to 1, got {show(value)}")
+        raise RuleError(f"threshold must be 'auto' or a number from -1 to 1, got {show(given)}")
     return float(value)
 
 

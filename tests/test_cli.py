@@ -109,6 +109,21 @@ def test_usage_errors_exit_2(argv):
     assert edge(*argv).returncode == 2
 
 
+@pytest.mark.parametrize("option, value", [
+    ("--shots", 0), ("--shots", -3), ("--trials", 0), ("--k", 0), ("--burst", 0), ("--seed", -1),
+    ("--nothing-shots", 0), ("--classes", -1), ("--holdout-classes", -1), ("--threads", 0),
+    ("--shots", "ten"), ("--threshold", "high"), ("--threshold", 2)])
+def test_eval_refuses_a_bad_number_in_one_line(tmp_path, option, value):
+    """`edge eval DIR --shots 0` used to run and print nan curves and accuracy 0.000; every
+    numeric option is checked as it is parsed: one line naming the option, exit code 2."""
+    out = edge("eval", tmp_path, option, value, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == "" and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"edge eval: error: argument {option}: "), out.stderr
+    assert repr(str(value)) in lines[0] or f"got {value}" in lines[0]
+
+
 def test_eval_open_set_figures(clothing, calibration):
     out = edge("eval", clothing, "--shots", 5, "--trials", 2, "--json",
                "--unknown", calibration / "registry-photos", "--holdout-classes", 2)
