@@ -319,6 +319,10 @@ class Box:
         except StoreError as exc:
             self._storage_fault(exc)
             result.update(ok=False, error=f"storage: {exc}")
+        except Exception as exc:    # a bug: answer at once (a page waited 60 s for a reply), log it loudly
+            log.exception("unexpected error in the command %s", command.action)
+            self._emit({"event": "error", "source": "internal", "message": f"{type(exc).__name__}: {exc}"})
+            result.update(ok=False, error=f"internal error ({type(exc).__name__}); the box carries on")
         return result
 
     def _known(self, name) -> str:

@@ -309,6 +309,21 @@ def test_an_import_that_fills_every_class_slot_says_which_buttons_lost_their_cla
     box.close()
 
 
+def test_a_bug_in_a_command_is_answered_at_once_and_the_box_goes_on(rig, clothing, monkeypatch):
+    """An unexpected error in a command handler reached the frame loop's catch-all: the command
+    was never answered (the web page waited 60 s)."""
+    def broken(box, cmd, source):
+        raise KeyError("bug")
+    monkeypatch.setitem(type(rig.box).HANDLERS, C.Hints, broken)
+    replies = []
+    rig.send("hints", {}, replies.append, ident=7)
+    assert wait_for(lambda: replies, 5)
+    assert replies[0] == {"action": "hints", "ok": False, "error": "internal error (KeyError); the box carries on", "id": 7}
+    assert any(e.get("source") == "internal" for e in rig.events)
+    rig.send("state", {}, replies.append)
+    assert wait_for(lambda: len(replies) == 2) and replies[1]["ok"] and rig.thread.is_alive()
+
+
 def test_a_stop_for_one_class_leaves_the_recording_of_another(rig, clothing):
     """A web page that closes stops only the class it was recording: Scratch or MQTT may have
     taken the recording over meanwhile."""
