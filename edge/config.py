@@ -167,6 +167,11 @@ class HeadConfig:
     """Score margin needed to change the answer, so the LEDs do not flicker between two classes."""
 
 
+MAX_PER_CLASS = 1000
+"""The most samples a class may keep: 8 classes of 1,000 are 41 MB of embeddings (a Pi Zero 2 has
+512 MB in all) and 8,000 samples, above the 5,000 the head's per-frame cost is measured at."""
+
+
 @dataclass(frozen=True)
 class CaptureConfig:
     """How samples are taken while a teach button is held."""
@@ -365,6 +370,20 @@ class _StrictLoader(yaml.SafeLoader):
                 node.start_mark) from None
 
 
+# Numbers as people (and YAML 1.2) write them. YAML 1.1, PyYAML's, reads 010 as 8, 0x11, 0b10001
+# and 1_7 as 17 and 1:30 as 90 (a button written 010 became GPIO8, an SPI pin), and 1e-2 as text:
+# here an integer is plain decimal digits (anything else stays text, so a pin 010 is refused),
+# a float has a point or an exponent.
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(0|[1-9][0-9]*)$"), list("-+0123456789"))
+_StrictLoader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^[-+]?(([0-9]+\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+)$"
+                       r"|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"), list("-+0123456789."))
+
+
 def _load_yaml(text: str, name: str) -> Any:
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
@@ -455,8 +474,13 @@ def _checked(fallback, step: Callable[[], Any]):
 def _positions(data: Any) -> Dict[str, int]:
     """Key path -> its rank in the file: the parsed YAML keeps the file's order of keys."""
     order: Dict[str, int] = {}
+    seen = set()
 
     def walk(value: Any, path: str) -> None:
+        if isinstance(value, (dict, list)):
+            if id(value) in seen:   # an alias: its keys were ranked where it was first written
+                return              # (walking every alias of aliases expands a "billion laughs")
+            seen.add(id(value))
         if isinstance(value, dict):
             for key, item in value.items():
                 sub = _join(path, str(key))
@@ -656,6 +680,11 @@ def _host(path: str, value: Any) -> str:
     value = _string(path, value)
     if any(c.isspace() for c in value):
         raise _expected(path, "a host name or IP address without spaces", value)
+    if "://" in value:
+        raise _expected(path, "a host name or IP address, without a scheme such as mqtt://", value)
+    if value.count(":") == 1 or value.startswith("["):   # an IPv6 address has several colons
+        raise _expected(path, f"a host name or IP address, without a port (put the port in "
+                              f"{path.rsplit('.', 1)[0]}.port)", value)
     return value
 
 
@@ -684,7 +713,7 @@ CAMERA = {
     "device": _integer(0, 63),
     "width": _integer(16, 4096),
     "height": _integer(16, 4096),
-    "fps": _number(0, lo_open=True),
+    "fps": _number(1, 120),      # below 1 a command waited a whole frame period (and the watchdog)
     "mirror": _boolean,
 }
 MODEL = {
@@ -695,14 +724,14 @@ MODEL = {
 }
 HEAD = {
     "kind": _choice(HEADS),
-    "k": _integer(1),
+    "k": _integer(1, 100),
     "threshold": _threshold,
-    "smoothing": _integer(1),
+    "smoothing": _integer(1, 300),
     "hysteresis": _number(0),
 }
 CAPTURE = {
-    "rate": _number(0, 30, lo_open=True),
-    "max_per_class": _integer(1),
+    "rate": _number(0.1, 30),
+    "max_per_class": _integer(1, MAX_PER_CLASS),
     "min_change": _number(0, 1),
 }
 STORE = {"path": _path_text, "thumbnails": _boolean}
@@ -720,8 +749,8 @@ MQTT = {
     "password_file": _optional(_path_text),
     "tls": None,  # a section, checked by _mqtt
     "keepalive": _integer(5, 3600),
-    "rate": _number(0, lo_open=True),
-    "max_queue": _integer(1),
+    "rate": _number(0.01, 1000),
+    "max_queue": _integer(1, 100000),
     "homeassistant": _boolean,
     "discovery_prefix": _topic,
 }
