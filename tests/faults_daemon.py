@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from edge.config import MAX_PER_CLASS
 from mqtt_broker import free_port, wait_until  # noqa: F401  (wait_until: re-exported for the reliability tests)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,7 +42,7 @@ def daemon_config(folder: Path, port: int, prefix: str, source: str = "mqtt", ca
         "function_button": None, "status_led": None,
         "camera": {"source": source, "fps": 10},
         "head": {"smoothing": 1},
-        "capture": {"rate": 30, "min_change": 0, "max_per_class": 100000},
+        "capture": {"rate": 30, "min_change": 0, "max_per_class": MAX_PER_CLASS},   # the most a class may keep
         "store": {"path": str(store or folder / "store")},
         "mqtt": dict({"enabled": True, "host": "127.0.0.1", "port": port, "prefix": prefix,
                       "client_id": "edge-rel", "keepalive": 5}, **(mqtt or {})),

@@ -208,7 +208,7 @@ def test_check_config_prints_every_error_one_line_each_in_file_order(tmp_path):
         "web.port", "camera.fps", "classes[0].button", "classes[1].name", "unknown key 'colour' (known",
         "model.kernels"], lines
     assert all(line.startswith("edge: error: box.yaml: ") for line in lines), lines
-    assert lines[1] == "edge: error: box.yaml: camera.fps: expected a number > 0, got 'fast'"
+    assert lines[1] == "edge: error: box.yaml: camera.fps: expected a number between 1 and 120, got 'fast'"
 
 
 def test_export_and_import_while_the_box_runs_say_how_to_stop_it(daemons, clothing, tmp_path):
