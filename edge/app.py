@@ -539,14 +539,16 @@ class Box:
         thumb = self._thumbnail() if self.cfg.store.thumbnails else None
         try:
             with self.store.command():
-                if rec.burst is None:
-                    rec.burst = self.store.new_burst()
-                self.store.add_samples(rec.name, vec[np.newaxis].astype(np.float32), rec.source, rec.burst,
+                # the recording's burst only once a sample of it is kept: a burst id taken in a
+                # command that failed (a full card) was announced, then given to the next recording
+                burst = self.store.new_burst() if rec.burst is None else rec.burst
+                self.store.add_samples(rec.name, vec[np.newaxis].astype(np.float32), rec.source, burst,
                                        thumbnails=[thumb])
         except StoreError as exc:
             self._storage_fault(exc)
             self._end_recording()
             return
+        rec.burst = burst
         rec.added += 1
         rec.last = view
         rec.next_at = now + self._period
@@ -739,6 +741,8 @@ class Box:
         if code in self.faults and not (code == "storage" and getattr(self.store, "read_only", False)):
             del self.faults[code]
             self._show_status()
+            log.info("%s works again", code)       # the journal showed the error, never its end
+            self._emit({"event": "recovered", "source": code})
 
     def _show_status(self) -> None:
         if self.panel is not None:

@@ -408,9 +408,14 @@ def test_storage_fault_keeps_the_box_running(rig, clothing, monkeypatch):
     # the loop sets the fault, then tells its outputs: wait for the event, it may be a moment behind
     assert wait_for(lambda: any(e["event"] == "error" and e["source"] == "storage" for e in rig.events), 5)
     assert rig.counts() == before and rig.thread.is_alive()
+    stopped = [e for e in rig.events if e["event"] == "recording_stopped" and e["class"] == "B"]
+    assert stopped[-1]["added"] == 0 and stopped[-1]["burst"] is None, "no burst id for what was not kept"
+    assert not any(e["event"] == "recovered" and e["source"] == "storage" for e in rig.events)
     monkeypatch.setattr(Store, "add_samples", real)
     rig.teach("B", list_images(clothing / "train" / "hat"), 2)  # the card is back: learning resumes
     assert rig.box.fault is None
+    assert wait_for(lambda: any(e["event"] == "recovered" and e["source"] == "storage" for e in rig.events), 5)
+    assert rig.store.last_burst() is not None
 
 
 def test_garbage_frames_are_survived(rig, clothing):
