@@ -19,6 +19,7 @@ import math
 import os
 import select
 import shutil
+import signal
 import sys
 import textwrap
 import threading
@@ -189,16 +190,35 @@ class Terminal:
         fd = sys.stdin.fileno()
         self._saved = termios.tcgetattr(fd)
         tty.setcbreak(fd)
+        if threading.current_thread() is threading.main_thread():
+            # Ctrl-Z gives the shell its terminal back; after `fg` the shell has put it back in
+            # line mode, where keys waited for Enter (a held class recorded on): take it again
+            signal.signal(signal.SIGTSTP, self._suspend)
+            signal.signal(signal.SIGCONT, self._resume)
         for handler in logging.getLogger().handlers:  # log lines overwrite the status line, not append to it
             if getattr(handler, "stream", None) is sys.stderr and handler.formatter is not None:
                 handler.setFormatter(logging.Formatter("\r\x1b[K" + handler.formatter._fmt))
         print(self.help(), file=sys.stderr)
         self._thread.start()
 
+    def _suspend(self, _signum, _frame) -> None:
+        import termios
+        if self._saved is not None:
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._saved)
+        os.kill(os.getpid(), signal.SIGSTOP)        # SIGSTOP cannot be caught: this stops here
+
+    def _resume(self, _signum, _frame) -> None:
+        import tty
+        if self._saved is not None:
+            tty.setcbreak(sys.stdin.fileno())
+
     def close(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2)
+        if self._saved is not None and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTSTP, signal.SIGCONT):
+                signal.signal(signum, signal.SIG_DFL)
         if self._saved is not None:
             import termios
             termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._saved)

@@ -165,3 +165,30 @@ def test_the_line_fits_80_columns_and_shortens_names_first(sim):
     narrow = t.line(60)                         # narrower still: the countdown stays
     t.key("f")
     assert len(narrow) < 60 and re.search(r" \| f: clear all in \ds$", narrow), narrow
+
+
+def test_the_keys_work_again_after_ctrl_z_and_fg(sim, monkeypatch):
+    """After Ctrl-Z and `fg` the shell had left the terminal in line mode: keys waited for Enter
+    while a held class went on recording."""
+    import os
+    import pty
+    import signal
+    import termios
+    master, slave = pty.openpty()
+    with open(slave, "r", closefd=False) as tty_in:
+        monkeypatch.setattr("sys.stdin", tty_in)
+        sim.term.start()
+        try:
+            assert not termios.tcgetattr(slave)[3] & termios.ICANON, "keys one at a time"
+            termios.tcsetattr(slave, termios.TCSADRAIN, sim.term._saved)      # what the shell does at fg
+            assert termios.tcgetattr(slave)[3] & termios.ICANON
+            os.kill(os.getpid(), signal.SIGCONT)                              # what fg sends
+            assert wait_for(lambda: not termios.tcgetattr(slave)[3] & termios.ICANON, 5), "keys one at a time again"
+            os.write(master, b"1")
+            assert wait_for(lambda: sim.cell(1)[2], 10), sim.term.line(80)    # A records at once, no Enter
+            os.write(master, b"1")
+        finally:
+            sim.term.close()
+            os.close(master)
+            os.close(slave)
+    assert signal.getsignal(signal.SIGCONT) == signal.SIG_DFL
