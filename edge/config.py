@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import datetime
 import math
 import os
 import re
@@ -542,6 +543,9 @@ def _show(value: Any) -> str:
         return "a mapping" if value else "{}"
     if isinstance(value, list) and value:
         return "a list"
+    if isinstance(value, (datetime.date, bytes)):   # YAML's 2001-12-14 and !!binary, as written
+        return f"{value.isoformat() if isinstance(value, datetime.date) else 'binary data'!r} " \
+               f"({'a date' if isinstance(value, datetime.date) else 'not text'})"
     return _REPR.repr(value)
 
 
@@ -607,7 +611,7 @@ def _string(path: str, value: Any, secret: bool = False) -> str:
         kind = "true or false" if isinstance(value, bool) else "a number" if isinstance(value, (int, float)) \
             else "something else"
         raise _Invalid(path, f"expected text, got {kind} (put the password in quotes)")
-    if isinstance(value, (bool, int, float)):
+    if isinstance(value, (bool, int, float, datetime.date)):
         raise _Invalid(path, f"expected text, got {_show(value)} (put it in quotes if it is meant as text)")
     raise _expected(path, "text", value)
 

@@ -92,6 +92,15 @@ def find_class(value: Any, known: Iterable[str]) -> str:
     raise RuleError(f"unknown class {show(value.strip())} (classes: {listing})")
 
 
+LATEST_TIME = 32503680000.0
+"""3000-01-01 in Unix seconds: a sample's time past it (or before 1970) is no clock's."""
+
+
+def is_timestamp(value: Any) -> bool:
+    """A sample's time: Unix seconds from 1970 to LATEST_TIME (the gallery shows it as a date)."""
+    return is_number(value) and 0 <= value < LATEST_TIME
+
+
 def is_number(value: Any) -> bool:
     """A finite JSON/YAML number that is not a bool."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):

@@ -197,7 +197,7 @@ def _version_2(store: Store, path: Path, meta: dict, raw_vectors: bytes, raw_thu
     for c, name in zip(classes, names):
         count, ts, source = c.get("count"), c.get("ts"), c.get("source")
         if not (isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= store.max_per_class * 64
-                and isinstance(ts, list) and len(ts) == count and all(rules.is_number(t) for t in ts)
+                and isinstance(ts, list) and len(ts) == count and all(rules.is_timestamp(t) for t in ts)
                 and isinstance(source, list) and len(source) == count and all(s in SOURCES for s in source)
                 and isinstance(c.get("nothing"), bool)):
             raise _Refused(f"class {name!r} has a bad count, ts, source or nothing flag")

@@ -382,6 +382,8 @@ def test_yaml_errors_are_one_line_with_the_line_number(tmp_path, text, message):
     ("mqtt:\n  host: mqtt://broker\n", "without a scheme such as mqtt://"),
     ("web:\n  host: '[::1]:8080'\n", "(put the port in web.port)"),
     ("camera:\n  fps: 0.05\n", "camera.fps: expected a number between 1 and 120, got 0.05"),
+    # as written, not as Python shows it (was: got datetime.date(2001, 12, 14))
+    ("device_id: 2001-12-14\n", "device_id: expected text, got '2001-12-14' (a date) (put it in quotes"),
 ])
 def test_numbers_and_hosts_as_people_write_them_are_read_or_refused_clearly(tmp_path, text, message):
     assert message in error(tmp_path, text)

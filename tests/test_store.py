@@ -817,6 +817,8 @@ REFUSED_V2 = {
     "reserved name": (_class(0, name="unknown"), "reserved"),
     "count mismatch": (_class(0, count=2, ts=[0, 0], source=["button"] * 2), "expected float32"),
     "bad source": (_class(0, source=["camera"] * 3), "source"),
+    "no clock's time": (_class(0, ts=[0, 1.0, 1e300]), "bad count, ts"),     # the gallery showed "Invalid Date"
+    "before 1970": (_class(0, ts=[0, 1.0, -1e300]), "bad count, ts"),
     "button twice": (_class(1, button="cup"), "two classes"),
     "bad button": (_class(1, button="a/b"), "class names"),
     "too many classes": (lambda m: m["classes"].extend(
