@@ -822,6 +822,20 @@ def _file(path: str, text: str, base: Path, folder: bool = False) -> Path:
     return resolved
 
 
+def _no_file_in_the_way(path: str, folder: Path) -> None:
+    """A folder the box makes when missing (the store): refused only when it, or the nearest
+    part of it that exists, is a file (the box would start into a storage fault)."""
+    for part in (folder, *folder.parents):
+        try:
+            if not part.exists():
+                continue
+            if not part.is_dir():
+                raise _Invalid(path, f"expected a folder, but {part} is a file")
+        except (OSError, ValueError):   # unreadable or a name too long: the box says so at start
+            pass
+        return
+
+
 def _parse(data: Any, source: str, base: Path, secrets: bool = True) -> Config:
     """Check every section; a bad one is recorded (_note) and replaced by its defaults so the
     others are still checked. Raises only when the whole file is unusable."""
@@ -854,6 +868,7 @@ def _parse(data: Any, source: str, base: Path, secrets: bool = True) -> Config:
 
     store = section("store", STORE)
     store["path"] = _resolve(store.get("path", "var/store"), base)
+    _checked(None, lambda: _no_file_in_the_way("store.path", store["path"]))
 
     mqtt = _checked(None, lambda: _mqtt(top.get("mqtt"), device_id, base, secrets))
     if camera.source == "mqtt" and mqtt is not None and not mqtt.enabled and not _noted("mqtt.enabled"):

@@ -389,6 +389,15 @@ def test_numbers_and_hosts_as_people_write_them_are_read_or_refused_clearly(tmp_
     assert message in error(tmp_path, text)
 
 
+@pytest.mark.parametrize("where", ["store", "store/inside"])
+def test_a_file_where_the_store_folder_goes_is_refused(tmp_path, where):
+    """check-config said ok; the box then started into a storage fault, without page or MQTT."""
+    (tmp_path / "store").write_text("not a folder")
+    assert error(tmp_path, f"store:\n  path: {where}\n") == \
+        f"config.yaml: store.path: expected a folder, but {tmp_path / 'store'} is a file"
+    assert load(tmp_path, "store:\n  path: new/deep/store\n").store.path == tmp_path / "new/deep/store"
+
+
 def test_exponents_are_numbers_and_ipv6_hosts_are_hosts(tmp_path):
     """YAML 1.1 read 1e-2 as text ("expected a number between 0 and 1, got '1e-2'")."""
     cfg = load(tmp_path, "capture:\n  min_change: 1e-2\nhead:\n  hysteresis: 5E-2\nmqtt:\n  host: 'fe80::1'\n")
