@@ -267,7 +267,7 @@ class WebServer:
         if self._pin is None:
             return None
         now = time.monotonic()
-        tries = self._failures.setdefault(address, deque())
+        tries = self._failures.get(address, deque())
         for queue in (tries, self._failures_all):
             while queue and now - queue[0] > PIN_WINDOW:
                 queue.popleft()
@@ -278,13 +278,16 @@ class WebServer:
             if not tries:
                 self._failures.pop(address, None)
             return None
+        if pin in (None, ""):    # no guess: a child pressing "Hold to teach" must not lock the teacher out
+            return "PIN needed"
+        self._failures[address] = tries
         tries.append(now)
         self._failures_all.append(now)
         if len(self._failures) > 1000:   # bounded: forget the quietest addresses
             for key in [k for k, v in self._failures.items() if not v][:500]:
                 del self._failures[key]
         log.warning("web: wrong PIN from %s", address)
-        return "PIN needed" if pin in (None, "") else "wrong PIN"
+        return "wrong PIN"
 
     # --- static files ------------------------------------------------------------------------
 
@@ -412,7 +415,7 @@ class WebServer:
         error = self._pin_ok(request.remote or "?", request.headers.get("X-Edge-Pin"))
         if error is not None:
             return _refuse(403, error)
-        result = await self._ask(commands.Export())
+        result = await self._ask(commands.Export(thumbnails=True))    # the gallery moves with the box
         data = result.get("data")
         if not result.get("ok") or not isinstance(data, (bytes, bytearray)):
             return _refuse(500, result.get("error") or "export failed")

@@ -22,6 +22,7 @@ let pin = sessionStorage.getItem("edge-pin") || "";
 let pictureUrl = null;
 let retry = 500;
 let holding = null;                 // class being taught by this page's button
+let holdingSince = 0;               // when the box said yes to it (0: not yet)
 let galleryOldest = null;
 let galleryOf = null;              // the class the gallery shows (loaded once a class is chosen)
 
@@ -43,7 +44,12 @@ function connect() {
     for (const resolve of pending.values()) resolve({ ok: false, error: "lost the connection to the box" });
     pending.clear();
     holding = null;
-    document.querySelectorAll(".hold.down").forEach((b) => b.classList.remove("down"));
+    document.querySelectorAll(".hold.down").forEach(resetHold);
+    decision = null;                  // a box that is gone shows no answer, not its last one
+    $("label").textContent = "not connected";
+    $("label").classList.add("unknown");
+    showLeds();
+    showScores();
     setTimeout(connect, retry);
     retry = Math.min(retry * 2, 8000);
   };
@@ -53,6 +59,7 @@ function setLink(on) {
   const el = $("link");
   el.textContent = on ? "connected" : "not connected";
   el.className = "pill " + (on ? "on" : "off");
+  document.body.classList.toggle("offline", !on);
 }
 
 function send(action, body = {}) {
@@ -89,8 +96,10 @@ function say(id, text, ok) {
 
 async function act(action, body, msgId = "teach-msg", done = "") {
   const r = await send(action, body);
-  if (!r.ok) say(msgId, r.error || "refused", false);
-  else if (done) say(msgId, done, true);
+  if (!r.ok) {
+    say(msgId, r.error || "refused", false);
+    if (state) showState();           // a refused checkbox or slider shows the box's value again
+  } else say(msgId, done, true);      // and an old message does not stay beside new numbers
   return r;
 }
 
@@ -121,6 +130,11 @@ function showState() {
   const rec = $("recording");
   rec.hidden = !state.recording;
   rec.textContent = state.recording ? `● learning “${state.recording}”…` : "";
+  if (holding && holdingSince && state.recording !== holding) {
+    const name = holding;             // ended by the box: 30 s at most, or another page or program
+    stopTeach();
+    say("teach-msg", `the box stopped learning “${name}”; let go and hold again to teach more`, false);
+  }
   showClasses();
   showThreshold();
   showLeds();
@@ -226,6 +240,7 @@ function showClasses() {
   }
   for (const c of state.classes) {
     const el = classCard(c.name);
+    if (holding === c.name) holdLook(el.querySelector(".hold"));
     el.querySelector(".count").textContent = countText(c.samples);
     el.classList.toggle("is-rec", state.recording === c.name);
     el.querySelector(".nothing").checked = !!c.nothing;
@@ -249,9 +264,8 @@ function makeClassCard(c) {
   const hold = el.querySelector(".hold");
   hold.setAttribute("aria-label", `hold to teach ${c.name}`);
   hold.addEventListener("pointerdown", (ev) => { ev.preventDefault(); hold.setPointerCapture(ev.pointerId); startTeach(c.name, hold); });
-  for (const type of ["pointerup", "pointercancel", "lostpointercapture"]) hold.addEventListener(type, () => stopTeach(hold));
+  for (const type of ["pointerup", "pointercancel", "lostpointercapture"]) hold.addEventListener(type, () => stopTeach());
   hold.addEventListener("keydown", (ev) => { if ((ev.key === " " || ev.key === "Enter") && !ev.repeat) { ev.preventDefault(); startTeach(c.name, hold); } });
-  hold.addEventListener("keyup", (ev) => { if (ev.key === " " || ev.key === "Enter") stopTeach(hold); });
   hold.addEventListener("contextmenu", (ev) => ev.preventDefault());
   el.querySelector(".rename").onclick = () => renameClass(c.name);
   el.querySelector(".clear").onclick = async () => {
@@ -267,18 +281,29 @@ function makeClassCard(c) {
 function startTeach(name, button) {
   if (holding) return;
   holding = name;
-  button.classList.add("down");
-  button.textContent = "Teaching… let go to stop";
-  send("record", { class: name, seconds: 30 }).then((r) => { if (!r.ok) { say("teach-msg", r.error, false); resetHold(button); } });
+  holdingSince = 0;
+  holdLook(button);
+  send("record", { class: name, seconds: 30 }).then((r) => {
+    if (holding !== name) return;     // let go (or ended) before the box answered
+    if (r.ok) { holdingSince = Date.now(); say("teach-msg", "", true); return; }
+    holding = null;                   // refused: nothing to stop later
+    document.querySelectorAll(".hold.down").forEach(resetHold);
+    say("teach-msg", r.error, false);
+  });
 }
 
-function stopTeach(button) {
+function stopTeach() {
   if (!holding) return;
   const name = holding;
   holding = null;
-  resetHold(button);
+  document.querySelectorAll(".hold.down").forEach(resetHold);
   // only the class this page records: what Scratch or MQTT took over meanwhile goes on
   send("record/stop", { class: name }).then((r) => { if (!r.ok && !r.error.startsWith("not recording")) say("teach-msg", r.error, false); });
+}
+
+function holdLook(button) {
+  button.classList.add("down");
+  button.textContent = "Teaching… let go to stop";
 }
 
 function resetHold(button) {
@@ -286,10 +311,7 @@ function resetHold(button) {
   button.textContent = "Hold to teach";
 }
 
-function stopAnyTeach() {
-  const down = document.querySelector(".hold.down");
-  if (down) stopTeach(down);
-}
+const stopAnyTeach = () => stopTeach();
 
 async function renameClass(old) {
   const dlg = $("rename");
@@ -397,7 +419,8 @@ async function loadGallery(older = false) {
     t.className = "thumb";
     t.dataset.id = String(s.id);
     const img = document.createElement("img");
-    img.alt = `picture ${s.id}`;
+    img.alt = s.thumbnail === false ? "no picture kept" : `picture ${s.id}`;
+    if (s.thumbnail === false) t.classList.add("none");
     const del = document.createElement("button");
     del.type = "button";
     del.className = "del-sample";
@@ -446,7 +469,7 @@ async function importFile(ev) {
   if (pin) headers["X-Edge-Pin"] = pin;
   const r = await fetch("/api/import", { method: "POST", headers, body: file });
   const j = await r.json().catch(() => ({ ok: false, error: `import failed (${r.status})` }));
-  say("keep-msg", j.ok ? "loaded: the box knows what the file taught" : j.error, j.ok);
+  say("keep-msg", j.ok ? j.message || "loaded: the box knows what the file taught" : j.error, j.ok);
   if (j.ok) scheduleGallery();
 }
 
@@ -485,6 +508,7 @@ document.addEventListener("visibilitychange", () => {
   if (ws && ws.readyState === 1) ws.send(JSON.stringify({ type: "watch", on: !document.hidden }));
 });
 window.addEventListener("pagehide", stopAnyTeach);
+document.addEventListener("keyup", (ev) => { if (ev.key === " " || ev.key === "Enter") stopTeach(); });
 window.addEventListener("blur", stopAnyTeach);
 setInterval(showUptime, 10000);
 connect();
