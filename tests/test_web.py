@@ -780,6 +780,7 @@ def test_a_refused_change_shows_the_box_value_again_and_a_stopped_box_no_answer(
     box.stop()
     wait_until(lambda: text(driver, "#label") == "not connected", 20, what="the page to stop showing an answer")
     assert "offline" in driver.find_element("tag name", "body").get_attribute("class")
+    screenshot(driver, "web-stopped.png")
     assert not driver.find_elements("css selector", "#leds .led.lit")
 
 
