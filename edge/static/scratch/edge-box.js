@@ -5,20 +5,56 @@
 (function (Scratch) {
   "use strict";
   const DEFAULT_URL = __EDGE_DEFAULT_WS__;
-  const TIMEOUT = 8000;
+  const TIMEOUT = 8000;           // ms to find the box
+  const ANSWER_TIMEOUT = 70000;   // ms for the box to answer a command
+  const NO_PICTURE = 15000;       // ms without a new picture before a teach block lets go (at least
+                                  // 3 times the longest gap between its pictures so far)
+  const STOP_WAIT = 5000;         // ms for the recording to end once a teach block let go
+
+  // Class names compare the way the box compares them (edge/rules.py: Python's str.casefold(),
+  // after trimming what the user typed). Lower, upper, then lower case again folds every letter a
+  // class name may hold as casefold does (ß and ẞ to ss, ﬁ to fi, Cherokee, İ), once the final
+  // sigma is made σ and the dotless ı is kept out of it (casefold keeps ı apart from I and i).
+  // Checked against Python's casefold for every Unicode letter and digit (Node 20, Python 3.11);
+  // a browser or Python of another Unicode version may differ on letters new in that version.
+  const fold = (name) => String(name).trim().split("\u0131")
+    .map((part) => part.toLowerCase().toUpperCase().toLowerCase()).join("\u0131").replace(/\u03c2/g, "\u03c3");
+
+  // A count as the user gave it: a number when it reads as one, else the text itself, so that the
+  // box judges it with its own rule (edge/rules.py) and the block shows the box's answer.
+  const asGiven = (value) => {
+    if (typeof value === "number") return Number.isFinite(value) ? value : String(value);
+    const text = String(value).trim(), n = Number(text);
+    return text !== "" && Number.isFinite(n) ? n : String(value);
+  };
 
   class EdgeBox {
     constructor(runtime) {
       this.runtime = runtime;
       this.ws = null;
-      this.label = "unknown";
-      this.confidence = 0;
-      this.scores = {};
-      this.classes = [];
+      this.forget();
       this.problem = "not connected yet";
       this.result = "";
       this.nextId = 1;
       this.pending = new Map();
+      this.teaching = new Set();      // teach blocks waiting for their recording to end
+      this.stops = 0;                 // times the project was stopped
+      // The stop sign lets go of a teach block's recording, as releasing its button would.
+      if (runtime && typeof runtime.on === "function") {
+        runtime.on("PROJECT_STOP_ALL", () => {
+          this.stops++;
+          for (const t of [...this.teaching]) t.letGo("the project was stopped", true);
+        });
+      }
+    }
+
+    // While not connected the blocks report nothing from a box: no label, no scores, no pictures
+    // (the reporters check the connection too: a closing one is no longer "connected").
+    forget() {
+      this.label = "";
+      this.confidence = 0;
+      this.scores = {};
+      this.classes = [];
     }
 
     getInfo() {
@@ -61,6 +97,7 @@
       const pin = String(args.PIN || "").trim();
       if (this.ws) { this.ws.onclose = null; this.ws.close(); this.ws = null; }
       this.failAll("reconnecting");
+      this.forget();
       this.problem = "connecting…";
       return new Promise((resolve) => {
         let ws;
@@ -70,7 +107,10 @@
         const timer = setTimeout(() => { done(`box not found at ${url}`); try { ws.close(); } catch (e) { /* closed */ } }, TIMEOUT);
         ws.onerror = () => done(`box not found at ${url}`);
         ws.onclose = () => {
-          if (this.ws === ws) { this.ws = null; this.failAll("lost the box"); if (opened && settled) this.problem = `lost the box at ${url}`; }
+          if (this.ws === ws) {
+            this.ws = null; this.failAll("lost the box"); this.forget();
+            if (opened && settled) this.problem = `lost the box at ${url}`;
+          }
           done(`box not found at ${url}`);
         };
         ws.onmessage = (ev) => {
@@ -98,53 +138,112 @@
       } else if (m.type === "event" && m.event === "sample_added") {
         const c = this.classes.find((c) => c.name === m.class);
         if (c) c.samples = m.samples;
+        for (const t of [...this.teaching]) if (t.key === fold(m.class)) t.sample();
+      } else if (m.type === "event" && m.event === "recording_stopped") {
+        for (const t of [...this.teaching]) if (t.key === fold(m.class)) t.stopped(m);
       } else if (m.type === "result") {
-        const resolve = this.pending.get(m.id);
-        if (resolve) { this.pending.delete(m.id); resolve(m); }
+        const answer = this.pending.get(m.id);
+        if (answer) { this.pending.delete(m.id); answer(m); }
       }
     }
 
     failAll(error) {
-      for (const resolve of this.pending.values()) resolve({ ok: false, error });
+      for (const answer of [...this.pending.values()]) answer({ ok: false, error });
       this.pending.clear();
+      for (const t of [...this.teaching]) t.finish(`${error} while teaching ${t.cls}`);
+    }
+
+    // Send a command; onAnswer gets the box's answer (or why there is none) as soon as it comes.
+    request(action, body, onAnswer) {
+      if (!this.ws || this.ws.readyState !== 1) {
+        onAnswer({ ok: false, error: "not connected: use the connect block first" });
+        return;
+      }
+      const id = this.nextId++;
+      const timer = setTimeout(() => {
+        if (this.pending.delete(id)) onAnswer({ ok: false, error: "the box did not answer" });
+      }, ANSWER_TIMEOUT);
+      this.pending.set(id, (m) => { clearTimeout(timer); onAnswer(m); });
+      this.ws.send(JSON.stringify({ action, body, id }));
+    }
+
+    answered(m) {
+      this.result = m.ok ? "ok" : m.error || "refused";
+      if (!m.ok && /PIN/.test(this.result)) this.problem = this.result;
     }
 
     send(action, body) {
-      return new Promise((resolve) => {
-        if (!this.ws || this.ws.readyState !== 1) {
-          this.result = "not connected: use the connect block first";
-          resolve(); return;
-        }
-        const id = this.nextId++;
-        const timer = setTimeout(() => { this.pending.delete(id); this.result = "the box did not answer"; resolve(); }, 70000);
-        this.pending.set(id, (m) => {
-          clearTimeout(timer);
-          this.result = m.ok ? "ok" : m.error || "refused";
-          if (!m.ok && /PIN/.test(this.result)) this.problem = this.result;
-          resolve();
-        });
-        this.ws.send(JSON.stringify({ action, body, id }));
-      });
+      return new Promise((resolve) => this.request(action, body, (m) => { this.answered(m); resolve(); }));
+    }
+
+    // A teach block, once the box started its recording: like a hand on the class's button, it
+    // waits until the recording ends (recording_stopped: count reached, or ended by something
+    // else), and lets go (record/stop of that class) when no new picture came for a while or the
+    // project is stopped. Losing the box ends the wait too (the box stops a lost page's recording).
+    waitForRecording(cls, count, resolve) {
+      const t = { key: fold(cls), cls, count, added: 0, window: NO_PICTURE, last: Date.now(), timer: null,
+                  why: null };    // why: set once the block let go
+      const arm = (ms, then) => { clearTimeout(t.timer); t.timer = setTimeout(then, ms); };
+      const short = (name, added, why) => `stopped teaching ${name} after ${added} of ${count} pictures: ${why}`;
+      t.finish = (result) => {
+        if (!this.teaching.delete(t)) return;
+        clearTimeout(t.timer); this.result = result; resolve();
+      };
+      t.sample = () => {
+        const now = Date.now();
+        t.window = Math.max(t.window, 3 * (now - t.last));
+        t.last = now; t.added++;
+        if (!t.why) arm(t.window, () => t.letGo(`no new picture for ${Math.round(t.window / 1000)} s`));
+      };
+      t.stopped = (m) => {
+        const added = typeof m.added === "number" ? m.added : t.added;
+        if (t.why) t.finish(short(m.class, added, t.why));
+        else if (added >= count) t.finish("ok");
+        else t.finish(`teaching ${m.class} ended after ${added} of ${count} pictures `
+                      + "(something else ended the recording)");
+      };
+      t.letGo = (why, now) => {
+        if (t.why) return;
+        t.why = why;
+        if (this.isConnected()) this.ws.send(JSON.stringify({ action: "record/stop", body: { class: cls } }));
+        if (now) t.finish(short(cls, t.added, why));
+        else arm(STOP_WAIT, () => t.finish(short(cls, t.added, why)));
+      };
+      this.teaching.add(t);
+      arm(t.window, () => t.letGo(`no new picture for ${Math.round(t.window / 1000)} s`));
+      return t;
     }
 
     // --- blocks ------------------------------------------------------------------------------
 
     isConnected() { return !!this.ws && this.ws.readyState === 1; }
     getProblem() { return this.problem; }
-    getLabel() { return this.label; }
-    getConfidence() { return Math.round(this.confidence * 100) / 100; }
-    getScore(args) { const s = this.scores[String(args.CLASS)]; return s === undefined ? 0 : Math.round(s * 100) / 100; }
-    whenLabel(args) { return this.label === String(args.LABEL); }
-    isLabel(args) { return this.label === String(args.LABEL); }
+    // What the box said, only while connected: a box that is gone (or closing) has no answer.
+    getLabel() { return this.isConnected() ? this.label : ""; }
+    getConfidence() { return this.isConnected() ? Math.round(this.confidence * 100) / 100 : 0; }
+    getScore(args) {
+      const want = fold(args.CLASS);
+      const name = this.isConnected() ? Object.keys(this.scores).find((n) => fold(n) === want) : undefined;
+      return name === undefined ? 0 : Math.round(this.scores[name] * 100) / 100;
+    }
+    whenLabel(args) { return this.isLabel(args); }
+    isLabel(args) { const label = this.getLabel(); return label !== "" && fold(label) === fold(args.LABEL); }
     getResult() { return this.result; }
     samples(args) {
-      const want = String(args.CLASS).toLowerCase();
-      const c = this.classes.find((c) => c.name.toLowerCase() === want);
+      const want = fold(args.CLASS);
+      const c = this.isConnected() ? this.classes.find((c) => fold(c.name) === want) : undefined;
       return c ? c.samples : 0;
     }
     teach(args) {
-      const count = Math.max(1, Math.min(500, Math.round(Number(args.COUNT) || 1)));
-      return this.send("record", { class: String(args.CLASS), count });
+      const cls = String(args.CLASS), count = asGiven(args.COUNT), stops = this.stops;
+      return new Promise((resolve) => {
+        this.request("record", { class: cls, count }, (m) => {
+          this.answered(m);
+          if (!m.ok) { resolve(); return; }
+          const t = this.waitForRecording(cls, count, resolve);   // accepted: a whole number
+          if (this.stops !== stops) t.letGo("the project was stopped", true);   // while the box answered
+        });
+      });
     }
     undo() { return this.send("undo", {}); }
     clear(args) { return this.send("clear", { class: String(args.CLASS) }); }
