@@ -126,6 +126,8 @@ def test_docs_scratch_extension_in_the_real_scratch_vm(tmp_path, broker, box):
     assert report["teach_label"] == "A"                      # taught with a block, then recognised
     result = json.loads(report["result"])                    # the default payload "{}" is a command
     assert result["action"] == "undo" and result["ok"] is True, result
+    refused = json.loads(report["bad_count"])                # teach with "abc": the box's own refusal
+    assert refused["action"] == "record" and refused["ok"] is False and "'count'" in refused["error"], refused
 
 
 # --- Node-RED --------------------------------------------------------------------------------------

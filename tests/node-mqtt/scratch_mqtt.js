@@ -18,7 +18,7 @@ async function main() {
     [b.opcode, Object.fromEntries(Object.entries(b.arguments).map(([k, a]) => [k, a.defaultValue]))]));
 
   const vars = ["wrong_address", "wrong_password", "connected_wrong_password", "wrong_box", "connected",
-                "problem", "box", "label", "teach_label", "result"];
+                "problem", "box", "label", "teach_label", "result", "bad_count"];
   const p = new Program();
   const text = (v) => p.text(v);
   const connect = (u, box, pass) => p.stmt("edgebox_connect", { URL: text(u), BOX: text(box), USER: text(user), PASS: text(pass) });
@@ -42,6 +42,10 @@ async function main() {
   p.stmt("edgebox_command", { ACTION: text(defaults.command.ACTION), PAYLOAD: text(defaults.command.PAYLOAD) });
   p.waitUntil(p.reporter("operator_contains", { STRING1: [3, p.reporter("edgebox_getResult"), [10, ""]], STRING2: text("undo") }));
   p.setVar("result", p.reporter("edgebox_getResult"));
+  // a count the box cannot take is sent as typed and refused (Math.round made "abc" null: 3 s of recording)
+  p.stmt("edgebox_teach", { CLASS: text("A"), COUNT: [1, [4, "abc"]] });
+  p.waitUntil(p.reporter("operator_contains", { STRING1: [3, p.reporter("edgebox_getResult"), [10, ""]], STRING2: text("count") }));
+  p.setVar("bad_count", p.reporter("edgebox_getResult"));
 
   const { finished, seconds, stage } = await p.run(vm, info.id, vars, 90000);
   const report = { defaults, finished, seconds };
