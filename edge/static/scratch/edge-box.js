@@ -95,6 +95,7 @@
     connect(args) {
       const url = String(args.URL || DEFAULT_URL).trim();
       const pin = String(args.PIN || "").trim();
+      this.url = url;
       if (this.ws) { this.ws.onclose = null; this.ws.close(); this.ws = null; }
       this.failAll("reconnecting");
       this.forget();
@@ -217,7 +218,10 @@
     // --- blocks ------------------------------------------------------------------------------
 
     isConnected() { return !!this.ws && this.ws.readyState === 1; }
-    getProblem() { return this.problem; }
+    // a socket already closing, before its close event: lost, as `connected?` already says
+    getProblem() {
+      return !this.problem && this.ws && this.ws.readyState > 1 ? `lost the box at ${this.url}` : this.problem;
+    }
     // What the box said, only while connected: a box that is gone (or closing) has no answer.
     getLabel() { return this.isConnected() ? this.label : ""; }
     getConfidence() { return this.isConnected() ? Math.round(this.confidence * 100) / 100 : 0; }
