@@ -269,6 +269,13 @@ def decode(payload: bytes, max_bytes: int = MAX_PAYLOAD) -> Tuple[Any, Any]:
     return body, ident
 
 
+def to_json(value: Any) -> bytes:
+    """An answer, event or state as the box sends it (MQTT and the web page alike): compact UTF-8
+    JSON; a lone surrogate (a file name that is not UTF-8) as its JSON escape, which is what
+    backslashreplace writes inside a JSON string."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
+
+
 def _is_text(value: Any) -> bool:
     """False when a decoded JSON value holds a lone surrogate ("\\ud800" decodes to one): such a
     string cannot be written back as UTF-8, so an answer echoing it could not be sent."""

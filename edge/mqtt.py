@@ -10,7 +10,6 @@ topics. Commands are parsed and checked here, on paho's thread, then handed to t
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import queue
@@ -486,10 +485,7 @@ class MqttLink(Outputs):
             self._send(topic, _json(config), 0, True)
 
 
-def _json(value: Any) -> bytes:
-    """UTF-8 JSON; a lone surrogate (a file name that is not UTF-8, a "\\ud800" in a request) as
-    its JSON escape, since inside a JSON string that is what backslashreplace writes."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
+_json = commands.to_json
 
 
 def _str(path) -> Optional[str]:

@@ -524,14 +524,8 @@ def _editor_files(folder: Optional[Path]) -> Dict[str, tuple]:
 # --- helpers -------------------------------------------------------------------------------------
 
 def _json_text(value: Any) -> str:
-    """JSON text a WebSocket can send: a lone surrogate (a file name that is not UTF-8) as its
-    JSON escape (see edge.mqtt._json)."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
+    """JSON text a WebSocket can send (commands.to_json)."""
+    return commands.to_json(value).decode("utf-8")
 
 
 _json = _json_text
