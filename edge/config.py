@@ -543,9 +543,10 @@ def _show(value: Any) -> str:
         return "a mapping" if value else "{}"
     if isinstance(value, list) and value:
         return "a list"
-    if isinstance(value, (datetime.date, bytes)):   # YAML's 2001-12-14 and !!binary, as written
-        return f"{value.isoformat() if isinstance(value, datetime.date) else 'binary data'!r} " \
-               f"({'a date' if isinstance(value, datetime.date) else 'not text'})"
+    if isinstance(value, datetime.date):            # YAML's 2001-12-14, as written
+        return f"{value.isoformat()!r} (a date)"
+    if isinstance(value, bytes):                    # YAML's !!binary
+        return "'binary data' (not text)"
     return _REPR.repr(value)
 
 
@@ -825,15 +826,13 @@ def _file(path: str, text: str, base: Path, folder: bool = False) -> Path:
 def _no_file_in_the_way(path: str, folder: Path) -> None:
     """A folder the box makes when missing (the store): refused only when it, or the nearest
     part of it that exists, is a file (the box would start into a storage fault)."""
-    for part in (folder, *folder.parents):
-        try:
-            if not part.exists():
-                continue
-            if not part.is_dir():
-                raise _Invalid(path, f"expected a folder, but {part} is a file")
-        except (OSError, ValueError):   # unreadable or a name too long: the box says so at start
-            pass
+    try:
+        nearest = next(part for part in (folder, *folder.parents) if part.exists())
+        in_the_way = not nearest.is_dir()
+    except (OSError, ValueError):   # unreadable or a name too long: the box says so at start
         return
+    if in_the_way:
+        raise _Invalid(path, f"expected a folder, but {nearest} is a file")
 
 
 def _parse(data: Any, source: str, base: Path, secrets: bool = True) -> Config:
