@@ -22,7 +22,7 @@ let pin = sessionStorage.getItem("edge-pin") || "";
 let pictureUrl = null;
 let retry = 500;
 let holding = null;                 // class being taught by this page's button
-let holdingSince = 0;               // when the box said yes to it (0: not yet)
+let holdingTaken = false;           // the box said yes to it
 let galleryOldest = null;
 let galleryOf = null;              // the class the gallery shows (loaded once a class is chosen)
 
@@ -43,8 +43,7 @@ function connect() {
     setLink(false);
     for (const resolve of pending.values()) resolve({ ok: false, error: "lost the connection to the box" });
     pending.clear();
-    holding = null;
-    document.querySelectorAll(".hold.down").forEach(resetHold);
+    letGo();
     decision = null;                  // a box that is gone shows no answer, not its last one
     $("label").textContent = "not connected";
     $("label").classList.add("unknown");
@@ -130,7 +129,7 @@ function showState() {
   const rec = $("recording");
   rec.hidden = !state.recording;
   rec.textContent = state.recording ? `● learning “${state.recording}”…` : "";
-  if (holding && holdingSince && state.recording !== holding) {
+  if (holding && holdingTaken && state.recording !== holding) {
     const name = holding;             // ended by the box: 30 s at most, or another page or program
     stopTeach();
     say("teach-msg", `the box stopped learning “${name}”; let go and hold again to teach more`, false);
@@ -281,13 +280,12 @@ function makeClassCard(c) {
 function startTeach(name, button) {
   if (holding) return;
   holding = name;
-  holdingSince = 0;
+  holdingTaken = false;
   holdLook(button);
   send("record", { class: name, seconds: 30 }).then((r) => {
     if (holding !== name) return;     // let go (or ended) before the box answered
-    if (r.ok) { holdingSince = Date.now(); say("teach-msg", "", true); return; }
-    holding = null;                   // refused: nothing to stop later
-    document.querySelectorAll(".hold.down").forEach(resetHold);
+    if (r.ok) { holdingTaken = true; say("teach-msg", "", true); return; }
+    letGo();                          // refused: nothing to stop later
     say("teach-msg", r.error, false);
   });
 }
@@ -295,10 +293,14 @@ function startTeach(name, button) {
 function stopTeach() {
   if (!holding) return;
   const name = holding;
-  holding = null;
-  document.querySelectorAll(".hold.down").forEach(resetHold);
+  letGo();
   // only the class this page records: what Scratch or MQTT took over meanwhile goes on
   send("record/stop", { class: name }).then((r) => { if (!r.ok && !r.error.startsWith("not recording")) say("teach-msg", r.error, false); });
+}
+
+function letGo() {                  // this page teaches nothing now
+  holding = null;
+  document.querySelectorAll(".hold.down").forEach(resetHold);
 }
 
 function holdLook(button) {
@@ -310,8 +312,6 @@ function resetHold(button) {
   button.classList.remove("down");
   button.textContent = "Hold to teach";
 }
-
-const stopAnyTeach = () => stopTeach();
 
 async function renameClass(old) {
   const dlg = $("rename");
@@ -504,11 +504,11 @@ $("export").onclick = exportFile;
 $("import-form").onsubmit = importFile;
 $("big-toggle").onclick = () => document.body.classList.toggle("big");
 document.addEventListener("visibilitychange", () => {
-  if (document.hidden) stopAnyTeach();
+  if (document.hidden) stopTeach();
   if (ws && ws.readyState === 1) ws.send(JSON.stringify({ type: "watch", on: !document.hidden }));
 });
-window.addEventListener("pagehide", stopAnyTeach);
+window.addEventListener("pagehide", () => stopTeach());
 document.addEventListener("keyup", (ev) => { if (ev.key === " " || ev.key === "Enter") stopTeach(); });
-window.addEventListener("blur", stopAnyTeach);
+window.addEventListener("blur", () => stopTeach());
 setInterval(showUptime, 10000);
 connect();
