@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from itertools import count
 from statistics import NormalDist
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 
@@ -43,8 +43,12 @@ RELATIVE_BUDGET = 0.03
 # near-duplicates of one view, each).
 FALLBACK_THRESHOLD = 0.3
 MIN_LOO = 4
-# Rows used to estimate the within-class spread (keeps re-fitting fast with thousands of samples).
-MAX_FIT_ROWS = 256
+# Rows used to estimate the within-class spread (keeps re-fitting fast with thousands of samples);
+# a frame reads each of them. 128 and 256 gave the same figures on clothing-small (it matters only
+# past 12 samples of 10 classes: bursts moved by -0.2 to +0.3 points, 40 trials), and 128 made the
+# refit at 8 x 200 9 ms instead of 13 and the frame at 5,000 samples 0.068 of an invoke instead of
+# 0.075 (docs/head.md, Speed).
+MAX_FIT_ROWS = 128
 # Names each view part (`_view_part`): the key of its residual rows in other parts' kept products.
 _SERIALS = count()
 # The spread prior (`<model>.spread.npy`, made by `edge reference`): how augmented views of one
@@ -54,10 +58,12 @@ _SERIALS = count()
 # thin and the prior's view adds what it knows; with many the taught spread decides in both.
 # On clothing-small +0.22 to +0.30 points at 10 shots (2, 3 and 10 classes), never below the
 # head without it (docs/head.md). SPREAD_RANK eigenpairs of C are kept (the rest of its trace
-# spread evenly): the full C gave the same figures.
+# spread evenly): the full C, its top 384 and its top 256 gave the same figures (600 draws of 3
+# classes x 10 shots: +0.94, +0.94, +0.96 points), and a frame reads each of its rows (192, 128:
+# lower; docs/head.md). A longer file (made before 2026-12-07, night) is cut to its top rows.
 PRIOR_WEIGHT = 10.0
 PRIOR_SHRINK = 3.0
-SPREAD_RANK = 384
+SPREAD_RANK = 256
 # The prior's view sees up to PRIOR_SAMPLES evenly spaced samples of each class (a class recorded
 # for 30 s is 200 near-duplicate frames; 32 of them, one every second, show its views as well) and
 # takes its spread from up to PRIOR_FIT_ROWS rows in all: over every sample it doubled the refit
@@ -204,16 +210,15 @@ class Head:
         real = np.array([n not in self._nothing for n in labels])
         shaping = np.flatnonzero(real) if real.any() else np.arange(len(groups))   # define the spread
         per_class = max(1, MAX_FIT_ROWS // len(shaping))
-        score = self._view_fit(groups, parts, shaping, per_class)
+        choice = [self._view_fit(groups, parts, shaping, per_class)]
         if self.prior is not None:      # the same fit in the prior's view; the two cosines averaged
-            views = [p["prior"] for p in parts]
-            second = self._view_fit([v["samples"] for v in views], views, shaping, max(1, PRIOR_FIT_ROWS // len(shaping)))
-            first, mapped = score, self.prior
-            score = lambda g: 0.5 * (first(g) + second(mapped(g)))
+            second = [p["prior"] for p in parts]
+            choice.append(self.prior.carried(self._view_fit([v["samples"] for v in second], second, shaping,
+                                                           max(1, PRIOR_FIT_ROWS // len(shaping)), carried=True)))
         taught = [p for p, r in zip(parts, real) if r]
         distinct = sum(p["distinct"] for p in taught)
         centroids = l2_normalize(means)
-        fit = {"labels": labels, "centroids": centroids, "score": score,
+        fit = {"labels": labels, "centroids": centroids, "choice": choice,
                "plain": l2_normalize(np.stack([self._plain[n] for n in labels])),
                "plain_weight": PLAIN_SAMPLES / (PLAIN_SAMPLES + (distinct if taught else sum(map(len, groups)))),
                "nothing": ~real, "threshold": self._fixed_or(FALLBACK_THRESHOLD), "relative": None}
@@ -227,6 +232,7 @@ class Head:
                 shared = centroids[real].mean(axis=0)
                 fit["relative"] = (shared, l2_normalize(centroids - shared),
                                    fit["threshold"] - _budget_threshold(rel, RELATIVE_BUDGET, views))
+        fit["frame"] = _Frame(centroids, fit["relative"], choice if self.kind == "centroid" else [])
         return fit
 
     def _class_parts(self, labels) -> list:
@@ -240,7 +246,8 @@ class Head:
             if hit is None or hit[0] is not g:
                 hit = (g, _class_part(g))
                 if self.prior is not None:
-                    hit[1]["prior"] = _view_part(self.prior(_evenly(g, PRIOR_SAMPLES)))
+                    view = _view_part(self.prior(_evenly(g, PRIOR_SAMPLES)))
+                    hit[1]["prior"] = {**view, "carried": self.prior.apply(view["samples"])}
             kept[name] = hit
         self._parts = kept
         return [kept[n][1] for n in labels]
@@ -248,25 +255,35 @@ class Head:
     def _fixed_or(self, default: float) -> float:
         return default if self.threshold_setting == "auto" else float(self.threshold_setting)
 
-    def _view_fit(self, groups, parts, shaping, per_class):
+    def _view_fit(self, groups, parts, shaping, per_class, carried: bool = False):
         """`_choice_fit` with the residual rows of the classes at the indices `shaping` (those
-        that define the within-class spread), per_class rows each."""
-        return self._choice_fit(groups, parts, [((parts[i]["serial"], per_class),
-                                                 _residual_rows(parts[i], groups[i], per_class)) for i in shaping])
+        that define the within-class spread), per_class rows each; carried: also the same rows
+        of the parts' samples mapped by the prior (its view)."""
+        blocks = [((parts[i]["serial"], per_class), _residual_rows(parts[i].setdefault("residuals", {}), groups[i], per_class))
+                  for i in shaping]
+        mapped = None
+        if carried:
+            mapped = (np.stack([p["carried"].sum(axis=0) / np.float32(len(g)) for g, p in zip(groups, parts)]),
+                      [_residual_rows(parts[i].setdefault("carried_residuals", {}), parts[i]["carried"], per_class)
+                       for i in shaping])
+        return self._choice_fit(groups, parts, blocks, mapped)
 
-    def _choice_fit(self, groups, parts, blocks):
-        """The choice view's scoring function, gate-view rows (N, dim) -> scores (N, C): the
-        spread comes from `blocks`, (key, `_residual_rows`) of the classes that define it
-        ("nothing" classes left out), the prototypes from all of `groups`. See `_Metric` for how
-        it whitens without whitening. A centroid is its class's mean, whitened: averaging each
-        sample whitened to unit length instead decided the same within 0.01 points over 600 draws
-        (docs/head.md) and needed every sample's products with the residual rows at every refit.
-        k-NN needs them: they are kept in each class's part (`_products`), so a refit computes
-        only those of the classes that changed."""
+    def _choice_fit(self, groups, parts, blocks, mapped=None):
+        """One view of the choice: the spread comes from `blocks`, (key, `_residual_rows`) of the
+        classes that define it ("nothing" classes left out), the prototypes from all of `groups`.
+        See `_Metric` for how it whitens without whitening. The centroid head gets a `_View` (a
+        centroid is its class's mean, whitened: averaging each sample whitened to unit length
+        instead decided the same within 0.01 points over 600 draws, docs/head.md, and needed
+        every sample's products with the residual rows at every refit); mapped: (class means,
+        residual rows) mapped by the prior, for its view. k-NN gets a scoring function,
+        gate-view rows (N, dim) -> (N, C), over its samples' products with the residual rows,
+        kept in each class's part (`_products`) so that a refit computes only those of the
+        classes that changed."""
         factor = spread_factor([b for _, b in blocks])
         metric = _Metric(np.vstack([b for _, b in blocks]) * factor)
         if self.kind == "centroid":
-            return metric.cosines_to(np.stack([p["sum"] / np.float32(len(g)) for g, p in zip(groups, parts)]))
+            means = np.stack([p["sum"] / np.float32(len(g)) for g, p in zip(groups, parts)])
+            return metric.view(means, None if mapped is None else (mapped[0], np.vstack(mapped[1]) * factor))
         products = [_products(p, g, blocks) * factor for g, p in zip(groups, parts)]
         index = _knn_index([metric.unit_rows(g, p["sq"], u) for g, p, u in zip(groups, parts, products)])
         return lambda q: _knn_scores(index, metric.unit_queries(q), self.k)
@@ -278,33 +295,21 @@ class Head:
 
     # --- scoring -------------------------------------------------------------------------
 
-    def choice_scores(self, g: np.ndarray) -> np.ndarray:
-        """Per-class scores in the whitened view for gate-view rows g: shape (N, C)."""
-        return self._ensure_fit()["score"](g)
-
     def evaluate(self, x: np.ndarray) -> tuple:
-        """(choice scores (N, C), gate scores (N, C)) for raw embeddings x."""
+        """(choice scores (N, C), gate scores (N, C)) for raw embeddings x. The gate scores, to
+        compare with `threshold`, are the cosine to each centroid and, with "auto", no more than
+        the relative score (plus its calibrated offset): a frame passes only when both pass."""
         fit = self._ensure_fit()
         g = gate_features(np.atleast_2d(x), self.mean)
         if not fit["labels"]:
             empty = np.zeros((len(g), 0), dtype=np.float32)
             return empty, empty
+        frame = fit["frame"]
+        products, squares = frame.products(g)
+        choice = frame.choice(g, products, squares) if self.kind == "centroid" else fit["choice"][0](g)
         w = fit["plain_weight"]
         plain = l2_normalize(np.atleast_2d(x)) @ fit["plain"].T
-        return (1.0 - w) * self.choice_scores(g) + w * plain, self.gate_scores(g)
-
-    def gate_scores(self, g: np.ndarray) -> np.ndarray:
-        """Per-class gate scores for gate-view rows g, (N, C), to compare with `threshold`: the
-        cosine to each centroid, and with "auto" also no more than the relative score (plus its
-        calibrated offset), so a frame passes only when both tests pass."""
-        fit = self._ensure_fit()
-        cents = fit["centroids"]
-        gate = g @ cents.T
-        if fit["relative"] is not None:
-            shared, rel_cents, offset = fit["relative"]
-            rel = l2_normalize(g - shared) @ rel_cents.T
-            gate = np.minimum(gate, rel + offset)
-        return gate
+        return (1.0 - w) * choice + w * plain, frame.gate(products, squares)
 
     def predict(self, x: np.ndarray) -> tuple:
         """(class index per row or -1 for unknown, gate score per row). A frame whose best class
@@ -406,14 +411,13 @@ def _evenly(rows: np.ndarray, most: int) -> np.ndarray:
     return rows if len(rows) <= most else rows[np.linspace(0, len(rows) - 1, most).astype(int)]
 
 
-def _residual_rows(part: dict, g: np.ndarray, per_class: int) -> np.ndarray:
-    """One class's rows for the within-class spread: up to per_class of its samples, evenly
-    spaced, minus the class mean, scaled by 1/sqrt(their count); kept in its `_class_part`."""
-    cached = part.setdefault("residuals", {})
-    if per_class not in cached:
+def _residual_rows(cache: dict, g: np.ndarray, per_class: int) -> np.ndarray:
+    """One class's rows for the within-class spread: up to per_class of its samples g, evenly
+    spaced, minus the class mean, scaled by 1/sqrt(their count); kept in `cache` (in its part)."""
+    if per_class not in cache:
         rows = _evenly(g, per_class)
-        cached[per_class] = ((rows - part["sum"] / np.float32(len(g))) / np.sqrt(len(rows))).astype(np.float32)
-    return cached[per_class]
+        cache[per_class] = ((rows - g.sum(axis=0) / np.float32(len(g))) / np.sqrt(len(rows))).astype(np.float32)
+    return cache[per_class]
 
 
 def spread_factor(blocks) -> float:
@@ -453,8 +457,10 @@ class PriorMap:
 
     def __init__(self, rows: np.ndarray):
         rows = np.asarray(rows, dtype=np.float32)
-        rank, dim = rows.shape
         share = np.einsum("ij,ij->i", rows, rows).astype(np.float64)      # eigenvalue / trace
+        top = np.argsort(-share, kind="stable")[:SPREAD_RANK]
+        rows, share = rows[top], share[top]
+        rank, dim = rows.shape
         self.vectors = (rows / np.sqrt(np.maximum(share, 1e-30))[:, None].astype(np.float32))
         rest = max(1.0 - float(share.sum()), 0.0) / max(dim - rank, 1)
         scale = lambda v: 1.0 / np.sqrt(PRIOR_WEIGHT * v + PRIOR_SHRINK / dim)
@@ -462,7 +468,87 @@ class PriorMap:
         self.extra = (scale(share) - scale(rest)).astype(np.float32)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return l2_normalize(x * self.rest + ((x @ self.vectors.T) * self.extra) @ self.vectors)
+        return l2_normalize(self.apply(x))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """x T (T symmetric; no unit length)."""
+        return x * self.rest + ((x @ self.vectors.T) * self.extra) @ self.vectors
+
+    def carried(self, view: "_View") -> "_View":
+        """A view fitted in the prior's view, its numerators and spread rows already mapped by T
+        (`_Metric.view` with `carried`), as a view of gate-view rows g: with h = g T / |g T|, its
+        score of h is (g.T n) / sqrt(|g T|^2 - u K u), u = (g.T s_j), and |g T|^2 = rest^2 |g|^2
+        + sum_j ((rest + extra_j)^2 - rest^2) (g.v_j)^2 (v_j: the prior's directions)."""
+        squares = (self.rest + self.extra) ** 2 - self.rest ** 2
+        return view._replace(base=view.base * float(self.rest) ** 2, rows=self.vectors,
+                             weights=(squares * np.float32(view.base)).astype(np.float32))
+
+
+class _View(NamedTuple):
+    """One view of the centroid choice as what a frame's gate-view row g needs: its scores are
+    (g.n_c) / sqrt(base |g|^2 + sum_i w_i (g.r_i)^2 - u K u), u = (g.s_j) over the spread rows
+    s_j, with numerators n_c (C, dim), rows r_i and weights w_i (the prior's directions, in its
+    view), spread rows and kernel K (`_Metric`). All of it is g times fixed rows, so `_Frame`
+    puts the rows of all views and of the gate in one matrix (docs/head.md, Speed)."""
+    numerators: np.ndarray
+    base: float
+    rows: np.ndarray
+    weights: np.ndarray
+    spread: np.ndarray
+    kernel: np.ndarray
+
+
+class _Frame:
+    """What a frame's scores need of a fit, as one matrix: the gate's centroids (and the relative
+    test's), and for the centroid head the numerators and spread rows of its choice views
+    (`_View`); a frame is one product with it and one with the prior's rows (fixed: not copied
+    at each refit), each float read once. As separate products per view the prior's rows were
+    read twice and the parts evicted each other from cache after an invoke, the head cost 0.12-0.20
+    of an invoke against 0.06-0.08 (benchmarks/README.md, "2026-12-07, night")."""
+
+    def __init__(self, centroids: np.ndarray, relative, views: list):
+        blocks = [centroids]
+        self.classes = len(centroids)
+        self.relative = None
+        if relative is not None:
+            shared, rel_cents, offset = relative
+            blocks += [rel_cents, shared[None, :]]
+            self.relative = (float(shared @ shared), shared @ rel_cents.T, offset)
+        self.numerators = sum(map(len, blocks))
+        blocks += [v.numerators for v in views]
+        self.views = []            # per view: (base, rows, weights, spread's columns, kernel)
+        for v in views:
+            start = sum(map(len, blocks))
+            blocks.append(v.spread)
+            self.views.append((np.float32(v.base), v.rows, v.weights, slice(start, start + len(v.spread)), v.kernel))
+        self.matrix = np.ascontiguousarray(np.vstack(blocks), dtype=np.float32)
+
+    def products(self, g: np.ndarray) -> tuple:
+        """(g's products with every row, |g|^2 per row of g)."""
+        return g @ self.matrix.T, np.einsum("ij,ij->i", g, g)
+
+    def choice(self, g: np.ndarray, products: np.ndarray, squares: np.ndarray) -> np.ndarray:
+        """The centroid choice for gate-view rows g: the mean of the views' whitened cosines, (N, C)."""
+        n, c = len(products), self.classes
+        inverse = np.empty((n, len(self.views)), np.float32)
+        for i, (base, rows, weights, spread, kernel) in enumerate(self.views):
+            length = base * squares
+            if len(weights):
+                length = length + ((g @ rows.T) ** 2) @ weights
+            u = products[:, spread]
+            inverse[:, i] = 1.0 / np.sqrt(np.maximum(length - np.einsum("ij,ij->i", u @ kernel, u), 1e-24))
+        numerators = products[:, self.numerators:self.numerators + c * len(self.views)].reshape(n, -1, c)
+        return np.einsum("nvc,nv->nc", numerators, inverse / np.float32(len(self.views)))
+
+    def gate(self, products: np.ndarray, squares: np.ndarray) -> np.ndarray:
+        """Gate scores (see `Head.evaluate`), (N, C)."""
+        n = self.classes
+        gate = products[:, :n]
+        if self.relative is not None:
+            shared_sq, shared_rel, offset = self.relative
+            away = np.sqrt(np.maximum(squares - 2 * products[:, 2 * n] + shared_sq, 1e-24))
+            gate = np.minimum(gate, (products[:, n:2 * n] - shared_rel) / away[:, None] + offset)
+        return gate
 
 
 class _Metric:
@@ -497,16 +583,14 @@ class _Metric:
         uk = u @ self.k
         return uk, np.sqrt(np.maximum(squares - np.einsum("ij,ij->i", uk, u), 1e-24))
 
-    def cosines_to(self, means: np.ndarray):
-        """The function rows q -> their whitened cosines (N, C) to the rows `means`."""
-        lengths = self._parts(means, np.einsum("ij,ij->i", means, means))[1]
-        means = (means / lengths[:, None]).astype(np.float32)
-        rows_means = self.rows @ means.T
-
-        def cosines(q: np.ndarray) -> np.ndarray:
-            uk, q_len = self._parts(q, np.einsum("ij,ij->i", q, q))
-            return ((q @ means.T - uk @ rows_means) / q_len[:, None]).astype(np.float32)
-        return cosines
+    def view(self, means: np.ndarray, carried: Optional[tuple] = None) -> _View:
+        """The centroid choice in this view: whitened cosines to the rows `means`. carried:
+        (means T, residual rows T) for a view that scores rows mapped by a fixed symmetric T
+        (`PriorMap.carried` adds the rest), else T = I."""
+        out_means, out_rows = (means, self.rows) if carried is None else carried
+        uk, lengths = self._parts(means, np.einsum("ij,ij->i", means, means))
+        return _View(((out_means - uk @ out_rows) / lengths[:, None]).astype(np.float32), 1.0,
+                     np.zeros((0, means.shape[1]), np.float32), np.zeros(0, np.float32), out_rows, self.k)
 
     def unit_rows(self, g: np.ndarray, squares: np.ndarray, u: np.ndarray) -> np.ndarray:
         """Rows scaled to unit whitened length (k-NN's stored side)."""

@@ -5,7 +5,7 @@ rows)."""
 
 import numpy as np
 
-from edge.head import SHRINK, Head, _knn_index, _knn_scores, l2_normalize, spread_factor
+from edge.head import SHRINK, Head, _knn_index, _knn_scores, _View, l2_normalize, spread_factor
 
 
 def svd_whitener(residuals):
@@ -21,14 +21,21 @@ def svd_whitener(residuals):
 
 class SvdHead(Head):
     """Head whose choice view is fitted the old way: an SVD of up to 256 x dim residuals, then
-    the class means (or every sample, for k-NN) whitened."""
+    the class means (or every sample, for k-NN) whitened; a frame's whitened length from all
+    the SVD's directions."""
 
-    def _choice_fit(self, groups, parts, blocks):
+    def _choice_fit(self, groups, parts, blocks, mapped=None):
         rows = [b for _, b in blocks]
         basis, scale, inv_sqrt_lam = svd_whitener(np.vstack(rows) * spread_factor(rows))
-        white = lambda q: l2_normalize(q * inv_sqrt_lam + ((q @ basis.T) * scale) @ basis)
-        if self.kind == "centroid":     # each class's mean, whitened
-            means = white(np.stack([g.mean(axis=0) for g in groups]))
-            return lambda q: white(q) @ means.T
+        root = lambda q: q * inv_sqrt_lam + ((q @ basis.T) * scale) @ basis      # q P^(1/2)
+        white = lambda q: l2_normalize(root(q))
+        if self.kind == "centroid":     # each class's mean, whitened; P q.m / |q|_P by every direction
+            numerators = root(white(np.stack([g.mean(axis=0) for g in groups])))
+            weights = ((scale + inv_sqrt_lam) ** 2 - inv_sqrt_lam ** 2).astype(np.float32)
+            if mapped is not None:      # the prior's view: what the head then adds for it takes these mapped
+                numerators, basis = self.prior.apply(numerators), self.prior.apply(basis)
+            dim = basis.shape[1]
+            return _View(numerators, float(inv_sqrt_lam) ** 2, np.zeros((0, dim), np.float32), np.zeros(0, np.float32),
+                         basis, np.diag(-weights))
         index = _knn_index([white(g) for g in groups])
         return lambda q: _knn_scores(index, white(q), self.k)

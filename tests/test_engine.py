@@ -114,8 +114,9 @@ def test_spread_prior_beside_the_model_loads_or_says_in_one_line_why_not(tmp_pat
     """The shipped models carry their spread prior; a missing one is None (the head works
     without it), a broken or foreign one is refused in one line naming the file."""
     from edge.engine import load_spread, spread_beside, spread_path
+    from edge.head import SPREAD_RANK
     rows = load_spread(DEFAULT_MODEL, 1280)
-    assert rows is not None and rows.dtype == np.float32 and rows.shape[1] == 1280
+    assert rows is not None and rows.dtype == np.float32 and rows.shape == (SPREAD_RANK, 1280)
     assert 0.5 < float(np.sum(rows.astype(np.float64) ** 2)) <= 1.001
     assert spread_path(DEFAULT_MODEL) == spread_beside(Path(DEFAULT_MODEL).with_suffix(".mean.npy"))
     assert spread_beside(tmp_path / "ref.npy") == tmp_path / "ref.spread.npy"

@@ -123,6 +123,39 @@ def test_a_refit_after_changes_decides_like_a_fresh_head(kind, with_spread):
         assert (head.predict(queries)[0] == fresh.predict(queries)[0]).all()
 
 
+def test_centroid_choice_is_the_whitened_cosines_written_out():
+    """The centroid head scores a frame with one product (edge.head._Frame); its choice must be,
+    written out with dense matrices: the mean of the whitened cosines to the class means in the
+    gate view and in the prior's view, blended with the plain cosine of the raw embeddings."""
+    from edge.head import SHRINK
+    rng = np.random.default_rng(11)
+    spread, mean = toy_spread(rng), world_mean(rng)
+    centres = [np.abs(rng.standard_normal(64)) * 3 for _ in range(3)]
+    raw = {f"c{i}": blobs(rng, c, 12, 0.6) for i, c in enumerate(centres)}
+    head = Head(mean=mean, spread=spread, threshold=-1.0)
+    head.set_samples(raw)
+    queries = np.vstack([blobs(rng, c, 5, 0.6) for c in centres] + [np.abs(rng.standard_normal((5, 64))) * 3])
+
+    def cosines(groups, q):
+        """Whitened cosines of rows q to the groups' means: S = R^T R / n + lambda I from the
+        groups' residuals, each group weighing the same."""
+        res = np.vstack([(v - v.mean(axis=0)) for v in groups]).astype(np.float64)
+        n, dim = res.shape
+        s = res.T @ res / n
+        p = np.linalg.inv(s + SHRINK * np.trace(s) / dim * np.eye(dim))
+        m = np.stack([v.mean(axis=0) for v in groups]).astype(np.float64)
+        q = q.astype(np.float64)
+        top = q @ p @ m.T
+        return top / np.sqrt(np.einsum("ij,jk,ik->i", q, p, q))[:, None] / np.sqrt(np.einsum("ij,jk,ik->i", m, p, m))
+
+    g = [gate_features(v, mean) for v in raw.values()]
+    tilt = PriorMap(spread)
+    whitened = 0.5 * (cosines(g, gate_features(queries, mean)) + cosines([tilt(v) for v in g], tilt(gate_features(queries, mean))))
+    plain = l2_normalize(queries) @ l2_normalize(np.stack([l2_normalize(v).sum(axis=0) for v in raw.values()])).T
+    w = head._ensure_fit()["plain_weight"]
+    np.testing.assert_allclose(head.evaluate(queries)[0], (1 - w) * whitened + w * plain, atol=2e-4)
+
+
 def test_the_spread_prior_is_its_top_eigenpairs_and_its_view_counts_their_directions_less():
     """spread_prior keeps the top SPREAD_RANK (here all 64) eigenpairs of the within-photo spread
     as rows sqrt(share of the trace) x direction; the prior's view shrinks a direction the views
@@ -145,6 +178,18 @@ def test_the_spread_prior_is_its_top_eigenpairs_and_its_view_counts_their_direct
     a, b = np.abs(rng.standard_normal(64)) * 3, np.abs(rng.standard_normal(64)) * 3
     head.set_samples({"a": blobs(rng, a, 8), "b": blobs(rng, b, 8)})
     assert (head.predict(np.vstack([blobs(rng, a, 5), blobs(rng, b, 5)]))[0] == [0] * 5 + [1] * 5).all()
+
+
+def test_a_longer_spread_prior_is_cut_to_its_top_rows(monkeypatch):
+    """A spread file with more than SPREAD_RANK rows (made before the rank was lowered), in any
+    order, maps like its SPREAD_RANK largest rows: what `edge reference` writes now."""
+    import edge.head
+    rng = np.random.default_rng(4)
+    rows = toy_spread(rng)
+    monkeypatch.setattr(edge.head, "SPREAD_RANK", 8)
+    x = l2_normalize(rng.standard_normal((5, 64)))
+    np.testing.assert_allclose(PriorMap(rows[rng.permutation(len(rows))])(x), PriorMap(rows[:8])(x), atol=1e-6)
+    assert not np.allclose(PriorMap(rows[8:])(x), PriorMap(rows[:8])(x), atol=1e-3)
 
 
 def test_auto_threshold_follows_the_spread_of_the_samples():
