@@ -213,12 +213,12 @@ class Head:
         choice = [self._view_fit(groups, parts, shaping, per_class)]
         if self.prior is not None:      # the same fit in the prior's view; the two cosines averaged
             second = [p["prior"] for p in parts]
-            choice.append(self.prior.carried(self._view_fit([v["samples"] for v in second], second, shaping,
-                                                           max(1, PRIOR_FIT_ROWS // len(shaping)), carried=True)))
+            choice.append(self.prior.to_gate_view(self._view_fit([v["samples"] for v in second], second, shaping,
+                                                                 max(1, PRIOR_FIT_ROWS // len(shaping)), remap=True)))
         taught = [p for p, r in zip(parts, real) if r]
         distinct = sum(p["distinct"] for p in taught)
         centroids = l2_normalize(means)
-        fit = {"labels": labels, "centroids": centroids, "choice": choice,
+        fit = {"labels": labels, "knn": choice[0] if self.kind == "knn" else None,
                "plain": l2_normalize(np.stack([self._plain[n] for n in labels])),
                "plain_weight": PLAIN_SAMPLES / (PLAIN_SAMPLES + (distinct if taught else sum(map(len, groups)))),
                "nothing": ~real, "threshold": self._fixed_or(FALLBACK_THRESHOLD), "relative": None}
@@ -232,7 +232,7 @@ class Head:
                 shared = centroids[real].mean(axis=0)
                 fit["relative"] = (shared, l2_normalize(centroids - shared),
                                    fit["threshold"] - _budget_threshold(rel, RELATIVE_BUDGET, views))
-        fit["frame"] = _Frame(centroids, fit["relative"], choice if self.kind == "centroid" else [])
+        fit["frame"] = _Frame(centroids, fit["relative"], choice if self.kind == "centroid" else [])   # `_View`s
         return fit
 
     def _class_parts(self, labels) -> list:
@@ -247,7 +247,7 @@ class Head:
                 hit = (g, _class_part(g))
                 if self.prior is not None:
                     view = _view_part(self.prior(_evenly(g, PRIOR_SAMPLES)))
-                    hit[1]["prior"] = {**view, "carried": self.prior.apply(view["samples"])}
+                    hit[1]["prior"] = {**view, "remapped": self.prior.apply(view["samples"])}
             kept[name] = hit
         self._parts = kept
         return [kept[n][1] for n in labels]
@@ -255,16 +255,18 @@ class Head:
     def _fixed_or(self, default: float) -> float:
         return default if self.threshold_setting == "auto" else float(self.threshold_setting)
 
-    def _view_fit(self, groups, parts, shaping, per_class, carried: bool = False):
+    def _view_fit(self, groups, parts, shaping, per_class, remap: bool = False):
         """`_choice_fit` with the residual rows of the classes at the indices `shaping` (those
-        that define the within-class spread), per_class rows each; carried: also the same rows
-        of the parts' samples mapped by the prior (its view)."""
+        that define the within-class spread), per_class rows each. remap (the prior's view, whose
+        samples are gate-view samples mapped by T and made unit length): also the class means and
+        residual rows of those samples mapped by T once more (kept per class as "remapped"), so
+        that a frame is scored in that view without being mapped (`PriorMap.to_gate_view`)."""
         blocks = [((parts[i]["serial"], per_class), _residual_rows(parts[i].setdefault("residuals", {}), groups[i], per_class))
                   for i in shaping]
         mapped = None
-        if carried:
-            mapped = (np.stack([p["carried"].sum(axis=0) / np.float32(len(g)) for g, p in zip(groups, parts)]),
-                      [_residual_rows(parts[i].setdefault("carried_residuals", {}), parts[i]["carried"], per_class)
+        if remap:
+            mapped = (np.stack([p["remapped"].sum(axis=0) / np.float32(len(g)) for g, p in zip(groups, parts)]),
+                      [_residual_rows(parts[i].setdefault("remapped_residuals", {}), parts[i]["remapped"], per_class)
                        for i in shaping])
         return self._choice_fit(groups, parts, blocks, mapped)
 
@@ -275,7 +277,7 @@ class Head:
         centroid is its class's mean, whitened: averaging each sample whitened to unit length
         instead decided the same within 0.01 points over 600 draws, docs/head.md, and needed
         every sample's products with the residual rows at every refit); mapped: (class means,
-        residual rows) mapped by the prior, for its view. k-NN gets a scoring function,
+        residual rows) mapped by T once more, for the prior's view. k-NN gets a scoring function,
         gate-view rows (N, dim) -> (N, C), over its samples' products with the residual rows,
         kept in each class's part (`_products`) so that a refit computes only those of the
         classes that changed."""
@@ -306,7 +308,7 @@ class Head:
             return empty, empty
         frame = fit["frame"]
         products, squares = frame.products(g)
-        choice = frame.choice(g, products, squares) if self.kind == "centroid" else fit["choice"][0](g)
+        choice = frame.choice(g, products, squares) if fit["knn"] is None else fit["knn"](g)
         w = fit["plain_weight"]
         plain = l2_normalize(np.atleast_2d(x)) @ fit["plain"].T
         return (1.0 - w) * choice + w * plain, frame.gate(products, squares)
@@ -456,12 +458,17 @@ class PriorMap:
     prior's rows (its remaining trace spread evenly over the other directions)."""
 
     def __init__(self, rows: np.ndarray):
-        rows = np.asarray(rows, dtype=np.float32)
-        share = np.einsum("ij,ij->i", rows, rows).astype(np.float64)      # eigenvalue / trace
-        top = np.argsort(-share, kind="stable")[:SPREAD_RANK]
-        rows, share = rows[top], share[top]
-        rank, dim = rows.shape
-        self.vectors = (rows / np.sqrt(np.maximum(share, 1e-30))[:, None].astype(np.float32))
+        # C = rows^T rows, as its eigenpairs: the rows of a file are its eigenvectors scaled, but
+        # float16 keeps them orthogonal only to 4e-5, and a frame's length in this view
+        # (`to_gate_view`) assumes orthonormal directions; a file that is not (accepted by
+        # engine.load_spread) would drive that length below zero
+        rows = np.asarray(rows, dtype=np.float64)
+        vals, basis = np.linalg.eigh(rows @ rows.T)          # through the Gram matrix: 8 against 50 ms
+        keep = np.argsort(vals)[::-1][:SPREAD_RANK]
+        keep = keep[vals[keep] > max(vals.max(), 0.0) * 1e-12]
+        share = vals[keep]                                                   # eigenvalue / trace
+        self.vectors = ((basis[:, keep].T @ rows) / np.sqrt(share)[:, None]).astype(np.float32)
+        rank, dim = self.vectors.shape
         rest = max(1.0 - float(share.sum()), 0.0) / max(dim - rank, 1)
         scale = lambda v: 1.0 / np.sqrt(PRIOR_WEIGHT * v + PRIOR_SHRINK / dim)
         self.rest = np.float32(scale(rest))
@@ -474,11 +481,12 @@ class PriorMap:
         """x T (T symmetric; no unit length)."""
         return x * self.rest + ((x @ self.vectors.T) * self.extra) @ self.vectors
 
-    def carried(self, view: "_View") -> "_View":
-        """A view fitted in the prior's view, its numerators and spread rows already mapped by T
-        (`_Metric.view` with `carried`), as a view of gate-view rows g: with h = g T / |g T|, its
-        score of h is (g.T n) / sqrt(|g T|^2 - u K u), u = (g.T s_j), and |g T|^2 = rest^2 |g|^2
-        + sum_j ((rest + extra_j)^2 - rest^2) (g.v_j)^2 (v_j: the prior's directions)."""
+    def to_gate_view(self, view: "_View") -> "_View":
+        """A view fitted in the prior's view, its numerators and spread rows mapped by T once
+        more (`_Metric.view` with `mapped`), as a view of gate-view rows g: with h = g T / |g T|,
+        its score of h is g.(T n) / sqrt(|g T|^2 - u K u), u = (g.(T s_j)), and, the prior's
+        directions v_j being orthonormal, |g T|^2 = rest^2 |g|^2 + sum_j ((rest + extra_j)^2 -
+        rest^2) (g.v_j)^2."""
         squares = (self.rest + self.extra) ** 2 - self.rest ** 2
         return view._replace(base=view.base * float(self.rest) ** 2, rows=self.vectors,
                              weights=(squares * np.float32(view.base)).astype(np.float32))
@@ -488,8 +496,10 @@ class _View(NamedTuple):
     """One view of the centroid choice as what a frame's gate-view row g needs: its scores are
     (g.n_c) / sqrt(base |g|^2 + sum_i w_i (g.r_i)^2 - u K u), u = (g.s_j) over the spread rows
     s_j, with numerators n_c (C, dim), rows r_i and weights w_i (the prior's directions, in its
-    view), spread rows and kernel K (`_Metric`). All of it is g times fixed rows, so `_Frame`
-    puts the rows of all views and of the gate in one matrix (docs/head.md, Speed)."""
+    view), spread rows and kernel K (`_Metric`). All of it is g times fixed rows: `_Frame` puts
+    the numerators and spread rows of all views and the gate's rows in one matrix, the prior's
+    directions are a second product, the kernels apply to the spread's products (docs/head.md,
+    Speed)."""
     numerators: np.ndarray
     base: float
     rows: np.ndarray
@@ -583,11 +593,11 @@ class _Metric:
         uk = u @ self.k
         return uk, np.sqrt(np.maximum(squares - np.einsum("ij,ij->i", uk, u), 1e-24))
 
-    def view(self, means: np.ndarray, carried: Optional[tuple] = None) -> _View:
-        """The centroid choice in this view: whitened cosines to the rows `means`. carried:
+    def view(self, means: np.ndarray, mapped: Optional[tuple] = None) -> _View:
+        """The centroid choice in this view: whitened cosines to the rows `means`. mapped:
         (means T, residual rows T) for a view that scores rows mapped by a fixed symmetric T
-        (`PriorMap.carried` adds the rest), else T = I."""
-        out_means, out_rows = (means, self.rows) if carried is None else carried
+        (`PriorMap.to_gate_view` adds the rest), else T = I."""
+        out_means, out_rows = (means, self.rows) if mapped is None else mapped
         uk, lengths = self._parts(means, np.einsum("ij,ij->i", means, means))
         return _View(((out_means - uk @ out_rows) / lengths[:, None]).astype(np.float32), 1.0,
                      np.zeros((0, means.shape[1]), np.float32), np.zeros(0, np.float32), out_rows, self.k)

@@ -20,7 +20,7 @@ def svd_whitener(residuals):
 
 
 class SvdHead(Head):
-    """Head whose choice view is fitted the old way: an SVD of up to 256 x dim residuals, then
+    """Head whose choice view is fitted the old way: an SVD of up to MAX_FIT_ROWS x dim residuals, then
     the class means (or every sample, for k-NN) whitened; a frame's whitened length from all
     the SVD's directions."""
 

@@ -123,13 +123,21 @@ def test_a_refit_after_changes_decides_like_a_fresh_head(kind, with_spread):
         assert (head.predict(queries)[0] == fresh.predict(queries)[0]).all()
 
 
-def test_centroid_choice_is_the_whitened_cosines_written_out():
-    """The centroid head scores a frame with one product (edge.head._Frame); its choice must be,
+@pytest.mark.parametrize("prior", ["float32", "float16", "not orthogonal"])
+def test_centroid_choice_is_the_whitened_cosines_written_out(prior):
+    """The centroid head scores a frame with two products (edge.head._Frame); its choice must be,
     written out with dense matrices: the mean of the whitened cosines to the class means in the
-    gate view and in the prior's view, blended with the plain cosine of the raw embeddings."""
-    from edge.head import SHRINK
+    gate view and in the prior's view (x (PRIOR_WEIGHT C + PRIOR_SHRINK I / dim)^(-1/2), C the
+    prior's rows^T rows with the rest of a unit trace spread evenly), blended with the plain
+    cosine of the raw embeddings. The prior as `edge reference` writes it (float16: orthogonal to
+    about 1e-4 only), and rows that are not orthogonal at all (accepted by engine.load_spread)."""
+    from edge.head import PRIOR_SHRINK, PRIOR_WEIGHT, SHRINK
     rng = np.random.default_rng(11)
     spread, mean = toy_spread(rng), world_mean(rng)
+    if prior == "float16":
+        spread = spread.astype(np.float16).astype(np.float32)
+    elif prior == "not orthogonal":     # the same C from twice the rows
+        spread = np.vstack([spread[:16], spread[:16]]) / np.sqrt(2.0)
     centres = [np.abs(rng.standard_normal(64)) * 3 for _ in range(3)]
     raw = {f"c{i}": blobs(rng, c, 12, 0.6) for i, c in enumerate(centres)}
     head = Head(mean=mean, spread=spread, threshold=-1.0)
@@ -148,12 +156,20 @@ def test_centroid_choice_is_the_whitened_cosines_written_out():
         top = q @ p @ m.T
         return top / np.sqrt(np.einsum("ij,jk,ik->i", q, p, q))[:, None] / np.sqrt(np.einsum("ij,jk,ik->i", m, p, m))
 
+    rows = spread.astype(np.float64)
+    dim = rows.shape[1]
+    c = rows.T @ rows
+    vals, vecs = np.linalg.eigh(c)
+    inside = vals > vals.max() * 1e-9
+    vals[~inside] = (1.0 - vals[inside].sum()) / max(dim - inside.sum(), 1)
+    tilt_matrix = (vecs / np.sqrt(PRIOR_WEIGHT * vals + PRIOR_SHRINK / dim)) @ vecs.T
+    tilt = lambda x: l2_normalize((x.astype(np.float64) @ tilt_matrix).astype(np.float32))
     g = [gate_features(v, mean) for v in raw.values()]
-    tilt = PriorMap(spread)
-    whitened = 0.5 * (cosines(g, gate_features(queries, mean)) + cosines([tilt(v) for v in g], tilt(gate_features(queries, mean))))
+    q = gate_features(queries, mean)
+    whitened = 0.5 * (cosines(g, q) + cosines([tilt(v) for v in g], tilt(q)))
     plain = l2_normalize(queries) @ l2_normalize(np.stack([l2_normalize(v).sum(axis=0) for v in raw.values()])).T
     w = head._ensure_fit()["plain_weight"]
-    np.testing.assert_allclose(head.evaluate(queries)[0], (1 - w) * whitened + w * plain, atol=2e-4)
+    np.testing.assert_allclose(head.evaluate(queries)[0], (1 - w) * whitened + w * plain, atol=1e-5)
 
 
 def test_the_spread_prior_is_its_top_eigenpairs_and_its_view_counts_their_directions_less():
