@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import edge  # noqa: E402,F401  first: numpy then starts one BLAS thread, as in the box (edge/__init__.py)
 import numpy as np  # noqa: E402
-from edge.bench import interleaved_blocks, paired_ratio  # noqa: E402
+from edge.bench import in_loop, interleaved_blocks, paired_ratio  # noqa: E402
 from edge.camera import FolderCamera  # noqa: E402
 from edge.engine import DEFAULT_MODEL, Embedder, load_reference, load_spread  # noqa: E402
 from edge.head import Head  # noqa: E402
@@ -126,33 +126,6 @@ def speed(runs: int, threads) -> dict:
         "invoke_after_knn_head_extra_ms": loop["knn"]["reload_ms"],
         "head_5000_refit_ms": round(refit_ms, 1),
     }
-
-
-def in_loop(invoke, head, runs: int) -> dict:
-    """The head's cost as in the box, where each frame's head runs after an invoke (which evicts
-    what the head keeps in cache) and before the next (which reloads what the head evicted): per
-    iteration invoke, head, invoke, invoke, each timed; the head's time plus what the invoke after
-    it took more than the invoke after an invoke, measured side by side in every iteration, so
-    load that comes and goes weighs on both (a ratio of two block medians of invoke with and
-    without the head swung between 0.05 and 0.13 for the same code)."""
-    costs, heads, reloads, invokes = [], [], [], []
-    for i in range(runs + 5):
-        t0 = time.perf_counter()
-        invoke()
-        t1 = time.perf_counter()
-        head()
-        t2 = time.perf_counter()
-        invoke()
-        t3 = time.perf_counter()
-        invoke()
-        t4 = time.perf_counter()
-        if i >= 5:
-            heads.append(t2 - t1)
-            reloads.append((t3 - t2) - (t4 - t3))
-            invokes.append(t4 - t3)
-            costs.append(((t2 - t1) + (t3 - t2) - (t4 - t3)) / (t4 - t3))
-    return {"over_invoke": round(float(np.median(costs)), 4), "head_ms": round(float(np.median(heads)) * 1000, 3),
-            "reload_ms": round(float(np.median(reloads)) * 1000, 3)}
 
 
 def proc_status(pid: int) -> dict:

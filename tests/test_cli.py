@@ -90,8 +90,10 @@ def test_bench_reports_ratios():
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     for key in ("int8_invoke_ms", "float32_invoke_ms", "int8_over_float32",
-                "preprocess_over_int8_invoke", "rss_after_load_mb"):
+                "preprocess_over_int8_invoke", "rss_after_load_mb", "head_5000_in_loop_ms"):
         assert result[key] > 0
+    # the head's cost per frame in the loop, over the invoke: what a Pi owner compares with 0.1
+    assert isinstance(result["head_5000_in_loop_over_int8_invoke"], float)
     # The thread count it really used: all cores the process may run on (model.threads: null).
     assert result["threads"] == len(os.sched_getaffinity(0))
     assert result["cpu"] and result["int8_flags"]
