@@ -43,12 +43,15 @@ RELATIVE_BUDGET = 0.03
 # near-duplicates of one view, each).
 FALLBACK_THRESHOLD = 0.3
 MIN_LOO = 4
-# Rows used to estimate the within-class spread (keeps re-fitting fast with thousands of samples);
-# a frame reads each of them. 128 and 256 gave the same figures on clothing-small (it matters only
-# past 12 samples of 10 classes: bursts moved by -0.2 to +0.3 points, 40 trials), and 128 made the
-# refit at 8 x 200 9 ms instead of 13 and the frame at 5,000 samples 0.068 of an invoke instead of
-# 0.075 (docs/head.md, Speed).
-MAX_FIT_ROWS = 128
+# Residuals used to estimate the within-class spread (keeps re-fitting fast with thousands of
+# samples), evenly spaced samples of each class. A frame reads each row of the gate view's spread,
+# so each class's residuals are cut to its top FRAME_ROWS / classes directions (`_residual_rows`):
+# with all 10 classes of clothing-small and 300-500 samples that changed 2-3 % of the choices and
+# gave +0.05 to +0.46 points over the 256 rows (k-NN −0.3 to +0.4), where 128 evenly spaced
+# residuals instead lost 0.15-0.4 points; the frame at 5,000 samples costs 0.068-0.072 of an
+# invoke instead of 0.077-0.096 (benchmarks/README.md, "2026-12-07, night").
+MAX_FIT_ROWS = 256
+FRAME_ROWS = 128
 # Names each view part (`_view_part`): the key of its residual rows in other parts' kept products.
 _SERIALS = count()
 # The spread prior (`<model>.spread.npy`, made by `edge reference`): how augmented views of one
@@ -261,7 +264,8 @@ class Head:
         samples are gate-view samples mapped by T and made unit length): also the class means and
         residual rows of those samples mapped by T once more (kept per class as "remapped"), so
         that a frame is scored in that view without being mapped (`PriorMap.to_gate_view`)."""
-        blocks = [((parts[i]["serial"], per_class), _residual_rows(parts[i].setdefault("residuals", {}), groups[i], per_class))
+        keep = None if remap else max(1, FRAME_ROWS // len(shaping))
+        blocks = [((parts[i]["serial"], per_class, keep), _residual_rows(parts[i].setdefault("residuals", {}), groups[i], per_class, keep))
                   for i in shaping]
         mapped = None
         if remap:
@@ -282,11 +286,12 @@ class Head:
         kept in each class's part (`_products`) so that a refit computes only those of the
         classes that changed."""
         factor = spread_factor([b for _, b in blocks])
-        metric = _Metric(np.vstack([b for _, b in blocks]) * factor)
+        metric = _Metric(np.vstack([b.rows for _, b in blocks]) * factor, sum(b.count for _, b in blocks),
+                         sum(b.squares for _, b in blocks) * factor ** 2)
         if self.kind == "centroid":
             means = np.stack([p["sum"] / np.float32(len(g)) for g, p in zip(groups, parts)])
-            return metric.view(means, None if mapped is None else (mapped[0], np.vstack(mapped[1]) * factor))
-        products = [_products(p, g, blocks) * factor for g, p in zip(groups, parts)]
+            return metric.view(means, None if mapped is None else (mapped[0], np.vstack([b.rows for b in mapped[1]]) * factor))
+        products = [_products(p, g, [(key, b.rows) for key, b in blocks]) * factor for g, p in zip(groups, parts)]
         index = _knn_index([metric.unit_rows(g, p["sq"], u) for g, p, u in zip(groups, parts, products)])
         return lambda q: _knn_scores(index, metric.unit_queries(q), self.k)
 
@@ -413,20 +418,35 @@ def _evenly(rows: np.ndarray, most: int) -> np.ndarray:
     return rows if len(rows) <= most else rows[np.linspace(0, len(rows) - 1, most).astype(int)]
 
 
-def _residual_rows(cache: dict, g: np.ndarray, per_class: int) -> np.ndarray:
+class _Rows(NamedTuple):
+    """One class's rows for the within-class spread (`_residual_rows`), how many residuals they
+    stand for and the residuals' sum of squares."""
+    rows: np.ndarray
+    count: int
+    squares: float
+
+
+def _residual_rows(cache: dict, g: np.ndarray, per_class: int, keep: Optional[int] = None) -> _Rows:
     """One class's rows for the within-class spread: up to per_class of its samples g, evenly
-    spaced, minus the class mean, scaled by 1/sqrt(their count); kept in `cache` (in its part)."""
-    if per_class not in cache:
+    spaced, minus the class mean, scaled by 1/sqrt(their count); kept in `cache` (in its part).
+    keep: at most that many rows, the residuals' top principal directions scaled by their spread:
+    R^T R without its weakest directions (see FRAME_ROWS); count and squares stay the residuals'."""
+    if (per_class, keep) not in cache:
         rows = _evenly(g, per_class)
-        cache[per_class] = ((rows - g.sum(axis=0) / np.float32(len(g))) / np.sqrt(len(rows))).astype(np.float32)
-    return cache[per_class]
+        rows = ((rows - g.sum(axis=0) / np.float32(len(g))) / np.sqrt(len(rows))).astype(np.float32)
+        count, squares = len(rows), float(np.sum(rows.astype(np.float64) ** 2))
+        if keep is not None and count > keep:
+            vals, vecs = np.linalg.eigh((rows @ rows.T).astype(np.float64))
+            rows = (vecs[:, np.argsort(vals)[::-1][:keep]].T.astype(np.float32) @ rows)
+        cache[(per_class, keep)] = _Rows(rows, count, squares)
+    return cache[(per_class, keep)]
 
 
 def spread_factor(blocks) -> float:
     """The weight of the rows for the within-class spread, each class's `_residual_rows` (up to
     MAX_FIT_ROWS in all), so that every class counts the same: a class recorded for long (200
     near-duplicate frames) must not define the spread for all."""
-    return float(np.sqrt(sum(len(b) for b in blocks) / len(blocks)))
+    return float(np.sqrt(sum(b.count for b in blocks) / len(blocks)))
 
 
 def _products(part: dict, g: np.ndarray, blocks) -> np.ndarray:
@@ -563,7 +583,7 @@ class _Frame:
 
 class _Metric:
     """Cosines in the view whitened by the shrunk within-class spread S = R^T R / n + lambda I
-    (R: the n <= MAX_FIT_ROWS residual rows, lambda = SHRINK x their mean variance), without
+    (R: rows standing for n <= MAX_FIT_ROWS residuals, lambda = SHRINK x their mean variance), without
     whitening anything.
 
     The whitened cosine of x and y is x^T P y / (|x|_P |y|_P) with P = S^-1, and by Woodbury's
@@ -573,18 +593,20 @@ class _Metric:
     thirds of a refit (benchmarks/README.md, "2026-12-07").
     """
 
-    def __init__(self, residuals: np.ndarray):
+    def __init__(self, residuals: np.ndarray, n: int, squares: float):
+        """residuals: the rows R; n: how many residuals they stand for (more when a class's were
+        cut to its top directions, `_Rows`), squares: the residuals' sum of squares."""
         r = np.asarray(residuals, dtype=np.float32)
         self.rows = r
-        n, dim = r.shape
+        m, dim = r.shape
         if n < 2 or not np.any(r):     # no spread known: plain cosines
-            self.k = np.zeros((n, n), np.float32)
+            self.k = np.zeros((m, m), np.float32)
             return
         gram = r @ r.T
-        lam = max(SHRINK * float(np.trace(gram, dtype=np.float64)) / n / dim, 1e-12)
+        lam = max(SHRINK * squares / n / dim, 1e-12)
         # float32 is enough: the eigenvalues lie between n lambda and n lambda + trace, a
         # condition number of at most 1 + dim / SHRINK (129)
-        self.k = np.linalg.inv(gram + np.float32(n * lam) * np.eye(n, dtype=np.float32))
+        self.k = np.linalg.inv(gram + np.float32(n * lam) * np.eye(m, dtype=np.float32))
 
     def _parts(self, x: np.ndarray, squares: np.ndarray, u: Optional[np.ndarray] = None) -> tuple:
         """(u K for each row of x, |x|_P per row (up to the common factor)); squares: |x|^2,

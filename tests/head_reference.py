@@ -8,13 +8,16 @@ import numpy as np
 from edge.head import SHRINK, Head, _knn_index, _knn_scores, _View, l2_normalize, spread_factor
 
 
-def svd_whitener(residuals):
+def svd_whitener(residuals, n, squares):
+    """(basis, scale, 1 / sqrt(lambda)) of S = R^T R / n + lambda I: R the rows (fewer than the n
+    residuals they stand for when a class's were cut to their top directions), lambda from the
+    residuals' sum of squares."""
     dim = residuals.shape[1]
-    if len(residuals) < 2 or not np.any(residuals):
+    if n < 2 or not np.any(residuals):
         return np.zeros((0, dim), np.float32), np.zeros(0, np.float32), np.float32(1.0)
     _, s, vt = np.linalg.svd(residuals, full_matrices=False)
-    var = (s ** 2) / len(residuals)
-    lam = max(SHRINK * float(var.sum()) / dim, 1e-12)
+    var = (s ** 2) / n
+    lam = max(SHRINK * squares / n / dim, 1e-12)
     scale = 1.0 / np.sqrt(var + lam) - 1.0 / np.sqrt(lam)
     return vt.astype(np.float32), scale.astype(np.float32), np.float32(1.0 / np.sqrt(lam))
 
@@ -26,7 +29,9 @@ class SvdHead(Head):
 
     def _choice_fit(self, groups, parts, blocks, mapped=None):
         rows = [b for _, b in blocks]
-        basis, scale, inv_sqrt_lam = svd_whitener(np.vstack(rows) * spread_factor(rows))
+        factor = spread_factor(rows)
+        basis, scale, inv_sqrt_lam = svd_whitener(np.vstack([b.rows for b in rows]) * factor, sum(b.count for b in rows),
+                                                  sum(b.squares for b in rows) * factor ** 2)
         root = lambda q: q * inv_sqrt_lam + ((q @ basis.T) * scale) @ basis      # q P^(1/2)
         white = lambda q: l2_normalize(root(q))
         if self.kind == "centroid":     # each class's mean, whitened; P q.m / |q|_P by every direction

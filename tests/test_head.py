@@ -208,6 +208,26 @@ def test_a_longer_spread_prior_is_cut_to_its_top_rows(monkeypatch):
     assert not np.allclose(PriorMap(rows[8:])(x), PriorMap(rows[:8])(x), atol=1e-3)
 
 
+def test_a_class_residuals_are_cut_to_its_top_directions():
+    """`_residual_rows` with keep: at most keep rows whose scatter R^T R is the residuals' own
+    without their weakest directions (the best rank-keep approximation), standing for all of
+    them (count, sum of squares); without keep, or with fewer residuals, the residuals."""
+    from edge.head import _residual_rows
+    rng = np.random.default_rng(8)
+    g = gate_features(blobs(rng, np.abs(rng.standard_normal(64)) * 3, 40, 0.5) +
+                      (rng.standard_normal((40, 3)) @ rng.standard_normal((3, 64)) * 2).astype(np.float32), None)
+    full = _residual_rows({}, g, 30)
+    assert full.rows.shape == (30, 64) and full.count == 30
+    assert full.squares == pytest.approx(float(np.sum(full.rows.astype(np.float64) ** 2)), rel=1e-6)
+    cut = _residual_rows({}, g, 30, keep=5)
+    assert cut.rows.shape == (5, 64) and cut.count == 30 and cut.squares == pytest.approx(full.squares)
+    scatter = full.rows.T.astype(np.float64) @ full.rows
+    vals, vecs = np.linalg.eigh(scatter)
+    best = (vecs[:, -5:] * vals[-5:]) @ vecs[:, -5:].T
+    np.testing.assert_allclose(cut.rows.T.astype(np.float64) @ cut.rows, best, atol=1e-5 * vals.max())
+    assert np.array_equal(_residual_rows({}, g, 4, keep=5).rows, _residual_rows({}, g, 4).rows)
+
+
 def test_auto_threshold_follows_the_spread_of_the_samples():
     rng = np.random.default_rng(3)
     c = np.abs(rng.standard_normal(64)) * 3
