@@ -207,7 +207,7 @@ class Head:
         labels = self.labels
         groups = [self._samples[n] for n in labels]
         if not groups:
-            return {"labels": [], "threshold": self._fixed_or(FALLBACK_THRESHOLD), "relative": None}
+            return {"labels": [], "threshold": self._fixed_or(FALLBACK_THRESHOLD)}
         parts = self._class_parts(labels)
         means = np.stack([p["sum"] for p in parts]) / np.array([len(g) for g in groups], np.float32)[:, None]
         real = np.array([n not in self._nothing for n in labels])
@@ -224,7 +224,8 @@ class Head:
         fit = {"labels": labels, "knn": choice[0] if self.kind == "knn" else None,
                "plain": l2_normalize(np.stack([self._plain[n] for n in labels])),
                "plain_weight": PLAIN_SAMPLES / (PLAIN_SAMPLES + (distinct if taught else sum(map(len, groups)))),
-               "nothing": ~real, "threshold": self._fixed_or(FALLBACK_THRESHOLD), "relative": None}
+               "nothing": ~real, "threshold": self._fixed_or(FALLBACK_THRESHOLD)}
+        relative = None
         if self.threshold_setting == "auto":
             gate, rel, views = _loo_scores(taught, centroids[real])
             views = max(views, 2.0)
@@ -233,9 +234,9 @@ class Head:
             if len(rel) >= MIN_LOO:
                 # compared as rel + offset >= threshold, so one threshold serves both tests
                 shared = centroids[real].mean(axis=0)
-                fit["relative"] = (shared, l2_normalize(centroids - shared),
-                                   fit["threshold"] - _budget_threshold(rel, RELATIVE_BUDGET, views))
-        fit["frame"] = _Frame(centroids, fit["relative"], choice if self.kind == "centroid" else [])   # `_View`s
+                relative = (shared, l2_normalize(centroids - shared),
+                            fit["threshold"] - _budget_threshold(rel, RELATIVE_BUDGET, views))
+        fit["frame"] = _Frame(centroids, relative, choice if self.kind == "centroid" else [])   # `_View`s
         return fit
 
     def _class_parts(self, labels) -> list:
