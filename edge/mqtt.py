@@ -248,7 +248,7 @@ class MqttLink(Outputs):
             if self.camera is None and not d.changed and now - self._last_prediction < self._interval * 0.9:
                 return
             self._last_prediction = now
-            self._publish(self.topic("prediction"), _json({
+            self._publish(self.topic("prediction"), commands.to_json({
                 "label": d.label, "index": d.index, "confidence": d.confidence, "scores": d.scores,
                 "ts": round(d.ts, 3), "frame": d.frame}), qos=0)
         except Exception:
@@ -263,7 +263,7 @@ class MqttLink(Outputs):
 
     def event(self, e: dict) -> None:
         try:
-            self._publish(self.topic("event"), _json(e), qos=1)
+            self._publish(self.topic("event"), commands.to_json(e), qos=1)
         except Exception:
             log.exception("MQTT: publishing an event failed")
 
@@ -273,7 +273,7 @@ class MqttLink(Outputs):
         extra = {"dropped": self.dropped, "prefix": self.prefix}
         if self.camera is not None:
             extra["frames_dropped"] = self.camera.dropped
-        return _json(dict(self._state or {}, device_id=self.device_id, mqtt=extra))
+        return commands.to_json(dict(self._state or {}, device_id=self.device_id, mqtt=extra))
 
     def _publish(self, topic: str, payload: Any, qos: int, retain: bool = False) -> None:
         data = payload if isinstance(payload, bytes) else str(payload).encode("utf-8")
@@ -439,7 +439,7 @@ class MqttLink(Outputs):
         self._reply(result)
 
     def _reply(self, result: dict) -> None:
-        self._publish(self.topic("cmd/result"), _json(result), qos=1)
+        self._publish(self.topic("cmd/result"), commands.to_json(result), qos=1)
 
     # --- Home Assistant ----------------------------------------------------------------------
 
@@ -482,10 +482,7 @@ class MqttLink(Outputs):
     def _send_discovery(self) -> None:
         """(lock held, connected)"""
         for topic, config in self.discovery().items():
-            self._send(topic, _json(config), 0, True)
-
-
-_json = commands.to_json
+            self._send(topic, commands.to_json(config), 0, True)
 
 
 def _str(path) -> Optional[str]:
