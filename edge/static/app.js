@@ -45,10 +45,7 @@ function connect() {
     pending.clear();
     letGo();
     decision = null;                  // a box that is gone shows no answer, not its last one
-    $("label").textContent = "not connected";
-    $("label").classList.add("unknown");
-    showLeds();
-    showScores();
+    showDecision();
     setTimeout(connect, retry);
     retry = Math.min(retry * 2, 8000);
   };
@@ -144,8 +141,8 @@ function showState() {
 
 function showDecision() {
   const label = $("label");
-  label.textContent = decision.label;
-  label.classList.toggle("unknown", decision.label === "unknown");
+  label.textContent = decision ? decision.label : "not connected";
+  label.classList.toggle("unknown", !decision || decision.label === "unknown");
   showLeds();
   showScores();
 }
@@ -263,7 +260,7 @@ function makeClassCard(c) {
   const hold = el.querySelector(".hold");
   hold.setAttribute("aria-label", `hold to teach ${c.name}`);
   hold.addEventListener("pointerdown", (ev) => { ev.preventDefault(); hold.setPointerCapture(ev.pointerId); startTeach(c.name, hold); });
-  for (const type of ["pointerup", "pointercancel", "lostpointercapture"]) hold.addEventListener(type, () => stopTeach());
+  for (const type of ["pointerup", "pointercancel", "lostpointercapture"]) hold.addEventListener(type, stopTeach);
   hold.addEventListener("keydown", (ev) => { if ((ev.key === " " || ev.key === "Enter") && !ev.repeat) { ev.preventDefault(); startTeach(c.name, hold); } });
   hold.addEventListener("contextmenu", (ev) => ev.preventDefault());
   el.querySelector(".rename").onclick = () => renameClass(c.name);
@@ -507,8 +504,8 @@ document.addEventListener("visibilitychange", () => {
   if (document.hidden) stopTeach();
   if (ws && ws.readyState === 1) ws.send(JSON.stringify({ type: "watch", on: !document.hidden }));
 });
-window.addEventListener("pagehide", () => stopTeach());
+window.addEventListener("pagehide", stopTeach);
 document.addEventListener("keyup", (ev) => { if (ev.key === " " || ev.key === "Enter") stopTeach(); });
-window.addEventListener("blur", () => stopTeach());
+window.addEventListener("blur", stopTeach);
 setInterval(showUptime, 10000);
 connect();
