@@ -703,19 +703,15 @@ def test_a_wrong_pin_is_refused_and_changes_nothing(daemons, browser, clothing):
 
 def other_client(box, *messages, pin=None):
     """Send commands to the box from a second connection (another page, Scratch): their results."""
-    async def go():
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(box.url.replace("http", "ws") + "ws", origin=box.url.rstrip("/")) as ws:
-                out = []
-                for i, (action, body) in enumerate(messages):
-                    await ws.send_json(dict({"action": action, "body": body, "id": 1000 + i}, **({"pin": pin} if pin else {})))
-                    while True:
-                        m = await ws.receive_json(timeout=20)
-                        if m.get("type") == "result" and m.get("id") == 1000 + i:
-                            out.append(m)
-                            break
-                return out
-    return run(go())
+    async def script(ws, inbox):
+        out = []
+        for i, (action, body) in enumerate(messages):
+            await ws.send_json(dict({"action": action, "body": body, "id": 1000 + i}, **({"pin": pin} if pin else {})))
+            while (m := await inbox("result")).get("id") != 1000 + i:
+                pass
+            out.append(m)
+        return out
+    return run(ws_session(box, script, origin=box.url.rstrip("/")))
 
 
 def test_pressing_teach_without_the_pin_does_not_lock_the_teacher_out(daemons, browser, clothing):
