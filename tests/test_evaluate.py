@@ -145,14 +145,28 @@ def test_trials_report_the_curve_auroc_kits_and_bursts(clothing, engine, clothin
     assert rb["burst"] == 3 and rb["accuracy"] > 0.7
 
 
-@pytest.mark.parametrize("classes", [2, 3])
-def test_the_gate_costs_at_most_three_points_with_few_classes(classes, clothing_split, mean, spread):
-    """Issue 12: with `threshold: auto` known accuracy stays within 3 points of closed-set
-    accuracy at 10 shots with a 2- or 3-button kit (it cost 3.5 at 2 classes with a plain normal
-    quantile of 20 leave-one-out scores)."""
+@pytest.mark.parametrize("classes, seeds", [(2, 3), (3, 3), (0, 1)])
+def test_the_gate_spends_two_to_three_points_at_every_class_count(classes, seeds, clothing_split, mean, spread):
+    """Issue 12: with `threshold: auto` known accuracy drops by about 2-3 points at 10 shots,
+    whatever the kit's size: at most 3 (one 3 % budget for every class count cost 3.2 points
+    over these 300 draws of 2 classes, 3.6 on one seed), at least 1.5 (it spent 1.4 with all
+    10 classes, leaving held-out classes uncaught). Pooled draws: one seed of 40 trials of 2
+    classes moves by half a point."""
     train, test = clothing_split
-    r = run_trials(train, test, shots=10, trials=40, classes=classes, head_factory=lambda: Head(mean=mean, spread=spread))
-    assert r["known_accuracy"] >= r["accuracy"] - 0.03, (r["known_accuracy"], r["accuracy"])
+    runs = [run_trials(train, test, shots=10, trials=100, classes=classes, seed=seed,
+                       head_factory=lambda: Head(mean=mean, spread=spread)) for seed in range(seeds)]
+    cost = np.mean([r["accuracy"] - r["known_accuracy"] for r in runs])
+    assert 0.015 <= cost <= 0.03, (classes, cost)
+
+
+@pytest.mark.parametrize("classes", [3, 0])
+def test_the_gate_catches_classes_never_taught(classes, clothing_split, registry, mean, spread):
+    """Issue 12: photos of 2 classes never taught are called unknown at least 15 % of the time
+    (3 taught or 8 taught), unrelated photos at least 90 %."""
+    train, test = clothing_split
+    r = run_trials(train, test, shots=10, trials=100, classes=classes, holdout=2, unknown=registry,
+                   head_factory=lambda: Head(mean=mean, spread=spread))
+    assert r["holdout_unknown_rate"] >= 0.15 and r["unknown_rate"] >= 0.9, r
 
 
 def test_the_gate_keeps_its_budget_with_bursts(clothing, engine, clothing_split, mean, spread):

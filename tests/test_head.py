@@ -288,6 +288,28 @@ def test_threshold_is_a_prediction_bound_that_widens_with_few_scores():
     assert _budget_threshold(values, 0.03, 5) < _budget_threshold(values, 0.03, 20) < _budget_threshold(values, 0.03, 200)
 
 
+def test_leave_one_out_scores_stand_for_new_samples_against_the_full_centroid():
+    """A class of m views: a left-out sample meets the centroid of m - 1, a new one that of all m.
+    Corrected by `_full_centroid_gain`, the mean leave-one-out score is the mean new sample's
+    (within 0.003 over 400 draws of 3 and of 10 samples); uncorrected it is 0.034 (3 samples)
+    and 0.003 (10 samples) lower."""
+    from edge.head import _class_part
+    rng = np.random.default_rng(4)
+    dim = 256
+    for m, raw_gap in ((3, 0.02), (10, 0.002)):
+        loo, new, raw = [], [], []
+        for _ in range(400):
+            mu = rng.normal(0, 1, dim) * 0.7 / np.sqrt(dim)      # |mu|^2 about 0.5 of a unit sample
+            draw = lambda k: l2_normalize(mu + rng.normal(0, 1, (k, dim)) * 0.7 / np.sqrt(dim))
+            g = draw(m).astype(np.float32)
+            part = _class_part(g)
+            raw.append(part["gate"].mean())
+            loo.append(part["gate"].mean() * part["full"])
+            new.append(float(draw(1)[0] @ l2_normalize(g.mean(axis=0))))
+        assert abs(np.mean(loo) - np.mean(new)) < 0.003, (m, np.mean(loo), np.mean(new))
+        assert np.mean(new) - np.mean(raw) > raw_gap, (m, np.mean(raw), np.mean(new))
+
+
 def test_knn_many_samples_one_frame_matches_the_full_product():
     """Above KNN_EXACT_MAX samples a frame is scored through a principal subspace first; on data
     that the subspace holds (here, 40 dimensions) it gives the full product's scores, also with
