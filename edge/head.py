@@ -38,9 +38,8 @@ SHRINK = 10.0
 # `gate_budget(classes)` of new samples would fall below (Student-t, so that 20 scores of 2
 # classes count for less than 100 of 10). The share grows with the square root of the taught
 # classes: with few, nearly every rejected known photo would have been answered right, with many
-# most were wrong anyway: one share for all (3 %) cost 1.4-1.6 points at 10 classes and 2.8-3.6
-# at 2 (clothing-small, 3 seeds of 100 draws); growing as the square root 2.0-2.5 at every count
-# (2.9 on one seed of 2 classes; docs/head.md).
+# most were wrong anyway; one share for every kit size cost over 3 points at 2 classes and under
+# 2 at 10, the square root about the same at every size (docs/head.md, "The unknown gate").
 BUDGET_AT_2 = 0.02
 MAX_BUDGET = 0.05
 # Used until at least MIN_LOO leave-one-out similarities exist (classes of one sample, or of
@@ -232,14 +231,13 @@ class Head:
         relative = None
         if self.threshold_setting == "auto":
             gate, rel, views = _loo_scores(taught, centroids[real])
-            views = max(views, 2.0)
-            if len(gate) >= MIN_LOO:
-                fit["threshold"] = _budget_threshold(gate, gate_budget(len(taught)), views)
-            if len(rel) >= MIN_LOO:
+            like, apart = (_gate_threshold(scores, len(taught), views) for scores in (gate, rel))
+            if like is not None:
+                fit["threshold"] = like
+            if apart is not None:
                 # compared as rel + offset >= threshold, so one threshold serves both tests
                 shared = centroids[real].mean(axis=0)
-                relative = (shared, l2_normalize(centroids - shared),
-                            fit["threshold"] - _budget_threshold(rel, gate_budget(len(taught)), views))
+                relative = (shared, l2_normalize(centroids - shared), fit["threshold"] - apart)
         fit["frame"] = _Frame(centroids, relative, choice if self.kind == "centroid" else [])   # `_View`s
         return fit
 
@@ -682,10 +680,13 @@ def _class_part(g: np.ndarray) -> dict:
 def _full_centroid_gain(mean: np.ndarray, views: float) -> float:
     """How much closer a new sample comes to the centroid of all m views of a class than a left-
     out one to the centroid of the other m - 1: the mean of m unit samples x = mu + e has squared
-    length |mu|^2 + (1 - |mu|^2) / m, and a new sample's cosine to it is |mu|^2 over that length.
-    The gate scores leave-one-out samples against m - 1 views but meets new frames with all m:
-    without this the few-shot thresholds were pessimistic (3 classes x 3 shots, 200 draws: 0.734
-    of unrelated photos unknown for 0.85 points of known accuracy, with it 0.779 for 1.25)."""
+    length |mu|^2 + (1 - |mu|^2) / m, and a sample's cosine to it is x.mu over that length, so
+    every score scales by the ratio of the two lengths (its spread too: scaled, not shifted).
+    m counts distinct views, not frames (a burst's frames are one view). The gate scores left-out
+    samples against m - 1 views but meets new frames with all m: without this the few-shot
+    thresholds were pessimistic (3 classes x 3 shots, 200 draws: 0.734 of unrelated photos
+    unknown for 0.85 points of known accuracy, with it 0.779 for 1.25). The relative test's
+    scores are left as they are (this ratio is not theirs), so it stays lenient at few shots."""
     m = max(views, 2.0)
     signal = float(np.clip((float(mean @ mean) - 1.0 / m) / (1.0 - 1.0 / m), 1e-3, 1.0))
     noise = 1.0 - signal
@@ -732,16 +733,26 @@ def _relative_loo(part: dict, shared: np.ndarray, centroid: np.ndarray, n_classe
 
 
 def gate_budget(classes: int) -> float:
-    """The share of new known samples each gate test may reject with `classes` taught classes."""
+    """The share of new known samples each gate test may reject with `classes` taught classes:
+    1.4 % with one, 2 % with two, 4 % with the box's most (8); the cap only for `edge eval` of
+    13 classes or more."""
     return min(MAX_BUDGET, BUDGET_AT_2 * math.sqrt(max(classes, 1) / 2))
+
+
+def _gate_threshold(scores: np.ndarray, classes: int, views: float) -> Optional[float]:
+    """One gate test's threshold from its leave-one-out scores with `classes` taught classes
+    (`gate_budget`), or None until MIN_LOO scores exist; the scores stand for at least 2 views."""
+    if len(scores) < MIN_LOO:
+        return None
+    return _budget_threshold(scores, gate_budget(classes), max(views, 2.0))
 
 
 def _budget_threshold(values: np.ndarray, budget: float, n: Optional[float] = None) -> float:
     """The score below which a share `budget` of *new* samples like `values` would fall: the
     lower prediction bound of a normal fit, mean + t * std * sqrt(1 + 1/n), with t the Student-t
     quantile for n - 1 degrees of freedom. With 20 scores (2 classes of 10) mean and spread are
-    themselves uncertain, and the plain normal quantile rejected 4.3 % of known photos for a
-    3 % budget (docs/head.md). n: how many independent samples the values stand for (distinct
+    themselves uncertain, and the plain normal quantile rejected 4.3 % of known photos for the
+    3 % budget then in force (docs/head.md). n: how many independent samples the values stand for (distinct
     views; default their count). A plain quantile cannot reach below the lowest of 20 values
     (5 %); the fitted spread can."""
     n = float(len(values) if n is None else n)
@@ -757,9 +768,8 @@ def auto_threshold(groups) -> float:
     """The "like the class at all" threshold alone, from groups of gate-view samples."""
     cents = l2_normalize(np.stack([g.mean(axis=0) for g in groups])) if groups else None
     gate, _, views = _loo_scores([_class_part(g) for g in groups], cents)
-    if len(gate) < MIN_LOO:
-        return FALLBACK_THRESHOLD
-    return _budget_threshold(gate, gate_budget(len(groups)), max(views, 2.0))
+    like = _gate_threshold(gate, len(groups), views)
+    return FALLBACK_THRESHOLD if like is None else like
 
 
 def plain_centroid_predict(train: Dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:

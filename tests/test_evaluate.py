@@ -148,10 +148,9 @@ def test_trials_report_the_curve_auroc_kits_and_bursts(clothing, engine, clothin
 @pytest.mark.parametrize("classes, seeds", [(2, 3), (3, 3), (0, 1)])
 def test_the_gate_spends_two_to_three_points_at_every_class_count(classes, seeds, clothing_split, mean, spread):
     """Issue 12: with `threshold: auto` known accuracy drops by about 2-3 points at 10 shots,
-    whatever the kit's size: at most 3 (one 3 % budget for every class count cost 3.2 points
-    over these 300 draws of 2 classes, 3.6 on one seed), at least 1.5 (it spent 1.4 with all
-    10 classes, leaving held-out classes uncaught). Pooled draws: one seed of 40 trials of 2
-    classes moves by half a point."""
+    whatever the kit's size: at most 3, at least 1.5 (one budget for every kit size failed both
+    ends: over 3 with 2 classes, under 1.5 with all; docs/head.md). Pooled draws: one seed of
+    40 trials of 2 classes moves by half a point."""
     train, test = clothing_split
     runs = [run_trials(train, test, shots=10, trials=100, classes=classes, seed=seed,
                        head_factory=lambda: Head(mean=mean, spread=spread)) for seed in range(seeds)]
@@ -160,13 +159,15 @@ def test_the_gate_spends_two_to_three_points_at_every_class_count(classes, seeds
 
 
 @pytest.mark.parametrize("classes", [3, 0])
-def test_the_gate_catches_classes_never_taught(classes, clothing_split, registry, mean, spread):
+def test_the_gate_catches_classes_never_taught(classes, clothing_split, mean, spread):
     """Issue 12: photos of 2 classes never taught are called unknown at least 15 % of the time
-    (3 taught or 8 taught), unrelated photos at least 90 %."""
+    (3 taught or 8 taught; 0.213 and 0.207 over 300 draws). Unrelated photos are measured by
+    benchmarks/head_eval.py on photos the reference mean never saw; the registry photos here
+    made the shipped mean."""
     train, test = clothing_split
-    r = run_trials(train, test, shots=10, trials=100, classes=classes, holdout=2, unknown=registry,
+    r = run_trials(train, test, shots=10, trials=100, classes=classes, holdout=2,
                    head_factory=lambda: Head(mean=mean, spread=spread))
-    assert r["holdout_unknown_rate"] >= 0.15 and r["unknown_rate"] >= 0.9, r
+    assert r["holdout_unknown_rate"] >= 0.15, r
 
 
 def test_the_gate_keeps_its_budget_with_bursts(clothing, engine, clothing_split, mean, spread):
