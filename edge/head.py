@@ -18,7 +18,6 @@ so a class does not win by sample count).
 
 from __future__ import annotations
 
-import math
 from itertools import count
 from statistics import NormalDist
 from typing import Dict, List, NamedTuple, Optional
@@ -35,13 +34,17 @@ SHRINK = 10.0
 # - more like it than like what the taught classes share: cosine after removing the mean of the
 #   class centroids ("relative" score).
 # Each threshold is the lower prediction bound of a normal fit of the LOO scores that a share
-# `gate_budget(classes)` of new samples would fall below (Student-t, so that 20 scores of 2
-# classes count for less than 100 of 10). The share grows with the square root of the taught
-# classes: with few, nearly every rejected known photo would have been answered right, with many
-# most were wrong anyway; one share for every kit size cost over 3 points at 2 classes and under
-# 2 at 10, the square root about the same at every size (docs/head.md, "The unknown gate").
-BUDGET_AT_2 = 0.02
-MAX_BUDGET = 0.05
+# `gate_budget(agree)` of new samples would fall below (Student-t, so that 20 scores of 2
+# classes count for less than 100 of 10). A rejected known photo costs accuracy only if it would
+# have been answered right, about as often as a left-out taught sample is (`agree`, its LOO
+# centroid beats every other class's), so the share is BUDGET_AT_90 at agreement 0.9 and grows
+# as (0.9 / agree) ** BUDGET_POWER, between MIN_BUDGET and MAX_BUDGET: one share for every kit
+# cost over 3 points at 2 classes and under 2 at 10, and about 1.2 at 3 shots; this costs 2-2.4
+# at 10 shots with every kit size, 1.7-1.9 at 3 shots (docs/head.md, "The unknown gate").
+BUDGET_AT_90 = 0.02
+BUDGET_POWER = 2.4
+MIN_BUDGET = 0.01
+MAX_BUDGET = 0.06
 # Used until at least MIN_LOO leave-one-out similarities exist (classes of one sample, or of
 # near-duplicates of one view, each).
 FALLBACK_THRESHOLD = 0.3
@@ -230,8 +233,8 @@ class Head:
                "nothing": ~real, "threshold": self._fixed_or(FALLBACK_THRESHOLD)}
         relative = None
         if self.threshold_setting == "auto":
-            gate, rel, views = _loo_scores(taught, centroids[real])
-            like, apart = (_gate_threshold(scores, len(taught), views) for scores in (gate, rel))
+            gate, rel, views, agree = _loo_scores(taught, centroids[real])
+            like, apart = (_gate_threshold(scores, agree, views) for scores in (gate, rel))
             if like is not None:
                 fit["threshold"] = like
             if apart is not None:
@@ -695,9 +698,11 @@ def _full_centroid_gain(mean: np.ndarray, views: float) -> float:
 
 def _loo_scores(parts, centroids) -> tuple:
     """Leave-one-out gate and relative scores of samples against their own class (`parts`: the
-    classes' `_class_part`, `centroids` their unit class centroids), and how many distinct views
-    the scores stand for. The relative scores need two classes."""
-    gate, rel, views = [], [], 0.0
+    classes' `_class_part`, `centroids` their unit class centroids), how many distinct views the
+    scores stand for, and their agreement: the share of the left-out samples closer to their own
+    class's centroid (without them) than to any other's (1 with one class). The relative scores
+    need two classes."""
+    gate, rel, views, agreed = [], [], 0.0, 0
     n_classes = len(parts)
     shared = centroids.mean(axis=0) if n_classes else None
     for c, part in enumerate(parts):
@@ -707,8 +712,13 @@ def _loo_scores(parts, centroids) -> tuple:
         gate.append(part["gate"] * part["full"])
         if n_classes >= 2:
             rel.append(_relative_loo(part, shared, centroids[c], n_classes))
+            rival = np.delete(part["rows"] @ centroids.T, c, axis=1).max(axis=1)
+            agreed += int(np.count_nonzero(part["gate"] > rival))
+        else:
+            agreed += len(part["gate"])
     cat = lambda v: np.concatenate(v) if v else np.zeros(0, np.float32)
-    return cat(gate), cat(rel), views
+    gate = cat(gate)
+    return gate, cat(rel), views, agreed / len(gate) if len(gate) else 1.0
 
 
 def _relative_loo(part: dict, shared: np.ndarray, centroid: np.ndarray, n_classes: int) -> np.ndarray:
@@ -732,19 +742,20 @@ def _relative_loo(part: dict, shared: np.ndarray, centroid: np.ndarray, n_classe
     return (u_v / (np.maximum(np.sqrt(u_u), 1e-12) * np.maximum(np.sqrt(v_v), 1e-12))).astype(np.float32)
 
 
-def gate_budget(classes: int) -> float:
-    """The share of new known samples each gate test may reject with `classes` taught classes:
-    1.4 % with one, 2 % with two, 4 % with the box's most (8); the cap only for `edge eval` of
-    13 classes or more."""
-    return min(MAX_BUDGET, BUDGET_AT_2 * math.sqrt(max(classes, 1) / 2))
+def gate_budget(agree: float) -> float:
+    """The share of new known samples each gate test may reject when a share `agree` of the
+    left-out taught samples is closest to its own class (`_loo_scores`): 1.55 % at 1 (classes
+    never confused), 2 % at 0.9, 4 % at 0.67, 6 % from 0.57 down."""
+    return float(np.clip(BUDGET_AT_90 * (0.9 / max(agree, 1e-3)) ** BUDGET_POWER, MIN_BUDGET, MAX_BUDGET))
 
 
-def _gate_threshold(scores: np.ndarray, classes: int, views: float) -> Optional[float]:
-    """One gate test's threshold from its leave-one-out scores with `classes` taught classes
-    (`gate_budget`), or None until MIN_LOO scores exist; the scores stand for at least 2 views."""
+def _gate_threshold(scores: np.ndarray, agree: float, views: float) -> Optional[float]:
+    """One gate test's threshold from its leave-one-out scores (`gate_budget` of the taught
+    samples' leave-one-out agreement), or None until MIN_LOO scores exist; the scores stand for
+    at least 2 views."""
     if len(scores) < MIN_LOO:
         return None
-    return _budget_threshold(scores, gate_budget(classes), max(views, 2.0))
+    return _budget_threshold(scores, gate_budget(agree), max(views, 2.0))
 
 
 def _budget_threshold(values: np.ndarray, budget: float, n: Optional[float] = None) -> float:
@@ -767,8 +778,8 @@ def _budget_threshold(values: np.ndarray, budget: float, n: Optional[float] = No
 def auto_threshold(groups) -> float:
     """The "like the class at all" threshold alone, from groups of gate-view samples."""
     cents = l2_normalize(np.stack([g.mean(axis=0) for g in groups])) if groups else None
-    gate, _, views = _loo_scores([_class_part(g) for g in groups], cents)
-    like = _gate_threshold(gate, len(groups), views)
+    gate, _, views, agree = _loo_scores([_class_part(g) for g in groups], cents)
+    like = _gate_threshold(gate, agree, views)
     return FALLBACK_THRESHOLD if like is None else like
 
 

@@ -239,6 +239,27 @@ def test_auto_threshold_follows_the_spread_of_the_samples():
     assert auto_threshold([gate_features(blobs(rng, c, 1), mean)]) == FALLBACK_THRESHOLD
 
 
+def test_the_gate_budget_follows_how_often_taught_samples_are_confused():
+    """Classes whose left-out samples all land nearest their own class get the smallest share
+    (every rejected known frame would have been answered right); classes that share samples'
+    looks get a larger one, up to MAX_BUDGET; one class counts as never confused."""
+    from edge.head import MAX_BUDGET, MIN_BUDGET, _class_part, _loo_scores, gate_budget
+    rng = np.random.default_rng(5)
+    mean = world_mean(rng)
+    a, b = np.abs(rng.standard_normal(64)) * 3, np.abs(rng.standard_normal(64)) * 3
+    agreement = {}
+    near = a + 0.3 * rng.standard_normal(64)         # a class that looks almost like a
+    for name, other, spread in (("apart", b, 0.5), ("mixed", near, 1.5)):
+        groups = [gate_features(blobs(rng, c, 12, spread), mean) for c in (a, other)]
+        cents = l2_normalize(np.stack([g.mean(axis=0) for g in groups]))
+        agreement[name] = _loo_scores([_class_part(g) for g in groups], cents)[3]
+    alone = _loo_scores([_class_part(gate_features(blobs(rng, a, 12, 6.0), mean))], l2_normalize(a[None]))[3]
+    assert agreement["apart"] == 1.0 and alone == 1.0
+    assert agreement["mixed"] < 0.8, agreement
+    assert MIN_BUDGET <= gate_budget(1.0) < gate_budget(0.9) < gate_budget(agreement["mixed"]) <= MAX_BUDGET
+    assert gate_budget(0.0) == MAX_BUDGET
+
+
 def bursts_of(rng, photos, frames=5, noise=0.02):
     """Each row of `photos` as `frames` near-duplicates (consecutive rows), like a held button."""
     rep = np.repeat(photos, frames, axis=0)
