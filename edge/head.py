@@ -38,12 +38,12 @@ SHRINK = 10.0
 # classes count for less than 100 of 10). A rejected known photo costs accuracy only if it would
 # have been answered right, about as often as a left-out taught sample is (`agree`, its LOO
 # centroid beats every other class's), so the share is BUDGET_AT_90 at agreement 0.9 and grows
-# as (0.9 / agree) ** BUDGET_POWER, between MIN_BUDGET and MAX_BUDGET: one share for every kit
-# cost over 3 points at 2 classes and under 2 at 10, and about 1.2 at 3 shots; this costs 2-2.4
-# at 10 shots with every kit size, 1.7-1.9 at 3 shots (docs/head.md, "The unknown gate").
+# as (0.9 / agree) ** BUDGET_POWER, at most MAX_BUDGET: one 3 % share for every kit cost over 3
+# points at 2 classes and under 2 at 10; a share growing as the square root of the class count
+# about 1.2 at 3 shots; this costs 2.0-2.4 at 10 shots with every kit size (1.9-2.8 over 300
+# draws), 1.7-1.9 at 3 shots (docs/head.md, "The unknown gate").
 BUDGET_AT_90 = 0.02
 BUDGET_POWER = 2.4
-MIN_BUDGET = 0.01
 MAX_BUDGET = 0.06
 # Used until at least MIN_LOO leave-one-out similarities exist (classes of one sample, or of
 # near-duplicates of one view, each).
@@ -746,7 +746,7 @@ def gate_budget(agree: float) -> float:
     """The share of new known samples each gate test may reject when a share `agree` of the
     left-out taught samples is closest to its own class (`_loo_scores`): 1.55 % at 1 (classes
     never confused), 2 % at 0.9, 4 % at 0.67, 6 % from 0.57 down."""
-    return float(np.clip(BUDGET_AT_90 * (0.9 / max(agree, 1e-3)) ** BUDGET_POWER, MIN_BUDGET, MAX_BUDGET))
+    return float(min(BUDGET_AT_90 * (0.9 / max(agree, 1e-3)) ** BUDGET_POWER, MAX_BUDGET))
 
 
 def _gate_threshold(scores: np.ndarray, agree: float, views: float) -> Optional[float]:
