@@ -5,9 +5,9 @@
 Prints markdown tables: head vs plain L2 nearest centroid at 1/3/5/10 shots with 2, 3 and all
 classes (also with bursts of 5 frames per shot); the unknown gate (known accuracy, unrelated
 photos, held-out classes, AUROC; also by kit size over 300 draws); a taught "nothing" class.
-Unknown photos are the odd half of calibration/imagenet-sample, the reference mean is rebuilt from the even half plus the registry
-photos (so it never saw the unknowns), and so is the spread prior (`edge reference`'s augmented
-views of the same photos). --cache keeps the embeddings (per model hash) outside the repo so a
+Unknown photos are the odd half of calibration/imagenet-sample, the reference mean is rebuilt
+from the even half plus the registry photos (so it never saw the unknowns), and so is the spread
+prior (`edge reference`'s augmented views of the same photos). --cache keeps the embeddings (per model hash) outside the repo so a
 rerun only redraws trials. --no-spread: the head without the spread prior.
 """
 

@@ -256,7 +256,7 @@ class Head:
                 hit = (g, _class_part(g))
                 if self.prior is not None:
                     view = _view_part(self.prior(_evenly(g, PRIOR_SAMPLES)))
-                    hit[1]["prior"] = {**view, "remapped": self.prior.apply(view["samples"])}
+                    hit[1]["prior"] = {**view, "remapped": _view_part(self.prior.apply(view["samples"]))}
             kept[name] = hit
         self._parts = kept
         return [kept[n][1] for n in labels]
@@ -268,16 +268,16 @@ class Head:
         """`_choice_fit` with the residual rows of the classes at the indices `shaping` (those
         that define the within-class spread), per_class rows each. remap (the prior's view, whose
         samples are gate-view samples mapped by T and made unit length): also the class means and
-        residual rows of those samples mapped by T once more (kept per class as "remapped"), so
-        that a frame is scored in that view without being mapped (`PriorMap.to_gate_view`)."""
+        residual rows of those samples mapped by T once more (kept per class as the `_view_part`
+        "remapped"), so that a frame is scored in that view without being mapped
+        (`PriorMap.to_gate_view`)."""
         keep = None if remap else max(1, FRAME_ROWS // len(shaping))
-        blocks = [((parts[i]["serial"], per_class, keep), _residual_rows(parts[i].setdefault("residuals", {}), groups[i], per_class, keep))
-                  for i in shaping]
+        blocks = [((parts[i]["serial"], per_class, keep), _residual_rows(parts[i], per_class, keep)) for i in shaping]
         mapped = None
         if remap:
-            mapped = (np.stack([p["remapped"].sum(axis=0) / np.float32(len(g)) for g, p in zip(groups, parts)]),
-                      [_residual_rows(parts[i].setdefault("remapped_residuals", {}), parts[i]["remapped"], per_class)
-                       for i in shaping])
+            again = [p["remapped"] for p in parts]
+            mapped = (np.stack([p["sum"] / np.float32(len(g)) for g, p in zip(groups, again)]),
+                      [_residual_rows(again[i], per_class) for i in shaping])
         return self._choice_fit(groups, parts, blocks, mapped)
 
     def _choice_fit(self, groups, parts, blocks, mapped=None):
@@ -432,14 +432,16 @@ class _Rows(NamedTuple):
     squares: float
 
 
-def _residual_rows(cache: dict, g: np.ndarray, per_class: int, keep: Optional[int] = None) -> _Rows:
-    """One class's rows for the within-class spread: up to per_class of its samples g, evenly
-    spaced, minus the class mean, scaled by 1/sqrt(their count); kept in `cache` (in its part).
+def _residual_rows(part: dict, per_class: int, keep: Optional[int] = None) -> _Rows:
+    """One class's rows for the within-class spread: up to per_class of the samples of its
+    `_view_part`, evenly spaced, minus their mean, scaled by 1/sqrt(their count); kept in the part.
     keep: at most that many rows, the residuals' top principal directions scaled by their spread:
     R^T R without its weakest directions (see FRAME_ROWS); count and squares stay the residuals'."""
+    cache = part.setdefault("residuals", {})
     if (per_class, keep) not in cache:
+        g = part["samples"]
         rows = _evenly(g, per_class)
-        rows = ((rows - g.sum(axis=0) / np.float32(len(g))) / np.sqrt(len(rows))).astype(np.float32)
+        rows = ((rows - part["sum"] / np.float32(len(g))) / np.sqrt(len(rows))).astype(np.float32)
         count, squares = len(rows), float(np.sum(rows.astype(np.float64) ** 2))
         if keep is not None and count > keep:
             vals, vecs = np.linalg.eigh((rows @ rows.T).astype(np.float64))
@@ -763,9 +765,9 @@ def _budget_threshold(values: np.ndarray, budget: float, n: Optional[float] = No
     lower prediction bound of a normal fit, mean + t * std * sqrt(1 + 1/n), with t the Student-t
     quantile for n - 1 degrees of freedom. With 20 scores (2 classes of 10) mean and spread are
     themselves uncertain, and the plain normal quantile rejected 4.3 % of known photos for the
-    3 % budget then in force (docs/head.md). n: how many independent samples the values stand for (distinct
-    views; default their count). A plain quantile cannot reach below the lowest of 20 values
-    (5 %); the fitted spread can."""
+    3 % budget then in force (docs/head.md). n: how many independent samples the values stand
+    for (distinct views; default their count). A plain quantile cannot reach below the lowest of
+    20 values (5 %); the fitted spread can."""
     n = float(len(values) if n is None else n)
     nu = max(n - 1.0, 1.0)
     z = NormalDist().inv_cdf(budget)
@@ -773,14 +775,6 @@ def _budget_threshold(values: np.ndarray, budget: float, n: Optional[float] = No
     # less extreme below (-2.86 for -3.48 at nu = 3)
     t = z + (z ** 3 + z) / (4 * nu) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * nu ** 2)
     return float(values.mean() + t * values.std(ddof=1) * np.sqrt(1.0 + 1.0 / max(n, 1.0)))
-
-
-def auto_threshold(groups) -> float:
-    """The "like the class at all" threshold alone, from groups of gate-view samples."""
-    cents = l2_normalize(np.stack([g.mean(axis=0) for g in groups])) if groups else None
-    gate, _, views, agree = _loo_scores([_class_part(g) for g in groups], cents)
-    like = _gate_threshold(gate, agree, views)
-    return FALLBACK_THRESHOLD if like is None else like
 
 
 def plain_centroid_predict(train: Dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:

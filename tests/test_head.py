@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edge.head import (FALLBACK_THRESHOLD, SPREAD_RANK, Head, PriorMap, auto_threshold, gate_features, l2_normalize,
+from edge.head import (FALLBACK_THRESHOLD, SPREAD_RANK, Head, PriorMap, gate_features, l2_normalize,
                        signed_sqrt, spread_prior)
 from edge.smoothing import UNKNOWN, Smoother
 
@@ -212,20 +212,27 @@ def test_a_class_residuals_are_cut_to_its_top_directions():
     """`_residual_rows` with keep: at most keep rows whose scatter R^T R is the residuals' own
     without their weakest directions (the best rank-keep approximation), standing for all of
     them (count, sum of squares); without keep, or with fewer residuals, the residuals."""
-    from edge.head import _residual_rows
+    from edge.head import _residual_rows, _view_part
     rng = np.random.default_rng(8)
     g = gate_features(blobs(rng, np.abs(rng.standard_normal(64)) * 3, 40, 0.5) +
                       (rng.standard_normal((40, 3)) @ rng.standard_normal((3, 64)) * 2).astype(np.float32), None)
-    full = _residual_rows({}, g, 30)
+    full = _residual_rows(_view_part(g), 30)
     assert full.rows.shape == (30, 64) and full.count == 30
     assert full.squares == pytest.approx(float(np.sum(full.rows.astype(np.float64) ** 2)), rel=1e-6)
-    cut = _residual_rows({}, g, 30, keep=5)
+    cut = _residual_rows(_view_part(g), 30, keep=5)
     assert cut.rows.shape == (5, 64) and cut.count == 30 and cut.squares == pytest.approx(full.squares)
     scatter = full.rows.T.astype(np.float64) @ full.rows
     vals, vecs = np.linalg.eigh(scatter)
     best = (vecs[:, -5:] * vals[-5:]) @ vecs[:, -5:].T
     np.testing.assert_allclose(cut.rows.T.astype(np.float64) @ cut.rows, best, atol=1e-5 * vals.max())
-    assert np.array_equal(_residual_rows({}, g, 4, keep=5).rows, _residual_rows({}, g, 4).rows)
+    assert np.array_equal(_residual_rows(_view_part(g), 4, keep=5).rows, _residual_rows(_view_part(g), 4).rows)
+
+
+def auto_threshold(samples: dict, mean) -> float:
+    """The "auto" threshold of a head taught `samples` (raw embeddings per class)."""
+    head = Head(mean=mean)
+    head.set_samples(samples)
+    return head.threshold
 
 
 def test_auto_threshold_follows_the_spread_of_the_samples():
@@ -233,10 +240,10 @@ def test_auto_threshold_follows_the_spread_of_the_samples():
     c = np.abs(rng.standard_normal(64)) * 3
     mean = world_mean(rng)
     # tight, but mostly distinct views (near-duplicates are another test)
-    tight = [gate_features(blobs(rng, c, 20, 0.8), mean)]
-    loose = [gate_features(blobs(rng, c, 20, 1.5), mean)]
-    assert auto_threshold(tight) > auto_threshold(loose)
-    assert auto_threshold([gate_features(blobs(rng, c, 1), mean)]) == FALLBACK_THRESHOLD
+    tight = {"c": blobs(rng, c, 20, 0.8)}
+    loose = {"c": blobs(rng, c, 20, 1.5)}
+    assert auto_threshold(tight, mean) > auto_threshold(loose, mean)
+    assert auto_threshold({"c": blobs(rng, c, 1)}, mean) == FALLBACK_THRESHOLD
 
 
 def test_the_gate_budget_follows_how_often_taught_samples_are_confused():
