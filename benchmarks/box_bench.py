@@ -35,10 +35,9 @@ sys.path.insert(0, str(REPO))
 
 import edge  # noqa: E402,F401  first: numpy then starts one BLAS thread, as in the box (edge/__init__.py)
 import numpy as np  # noqa: E402
-from edge.bench import in_loop, interleaved_blocks, paired_ratio  # noqa: E402
+from edge.bench import heads_5000, in_loop, interleaved_blocks, paired_ratio  # noqa: E402
 from edge.camera import FolderCamera  # noqa: E402
-from edge.engine import DEFAULT_MODEL, Embedder, load_reference, load_spread  # noqa: E402
-from edge.head import Head  # noqa: E402
+from edge.engine import DEFAULT_MODEL, Embedder  # noqa: E402
 from edge.image import list_images, load_image  # noqa: E402
 
 
@@ -84,12 +83,7 @@ def speed(runs: int, threads) -> dict:
                 box.process(engine.embed(frames[kind][i[0] % len(photos)]))
             return run
 
-        stored = {f"c{k}": np.abs(rng.normal(0, 1, (500, engine.dim))).astype(np.float32) for k in range(10)}
-        # the box's head: its model's reference mean and spread prior
-        reference = dict(mean=load_reference(engine.path, engine.dim), spread=load_spread(engine.path, engine.dim))
-        big, big_knn = Head(**reference), Head("knn", **reference)
-        big.set_samples(stored)
-        big_knn.set_samples(stored)
+        big, big_knn = heads_5000(engine, "centroid", "knn")
         t0 = time.perf_counter()
         big.evaluate(engine.invoke(x))  # fits once (after a change), then cached
         refit_ms = (time.perf_counter() - t0) * 1000

@@ -76,6 +76,21 @@ def in_loop(invoke, head, runs: int) -> dict:
             "reload_ms": round(float(np.median(reloads)) * 1000, 3)}
 
 
+def heads_5000(engine, *kinds: str) -> list:
+    """Heads of each kind as the box makes them (the model's reference mean and spread prior),
+    taught the same 10 classes x 500 samples and not yet fitted: the per-frame figures of issue
+    12 (`edge bench`, benchmarks/box_bench.py)."""
+    from edge.engine import load_reference, load_spread
+    from edge.head import Head
+    rng = np.random.default_rng(0)
+    samples = {f"c{k}": np.abs(rng.normal(0, 1, (500, engine.dim))).astype(np.float32) for k in range(10)}
+    reference = dict(mean=load_reference(engine.path, engine.dim), spread=load_spread(engine.path, engine.dim))
+    heads = [Head(kind, **reference) for kind in kinds]
+    for head in heads:
+        head.set_samples(samples)
+    return heads
+
+
 def engine_rss_mb(model: Path, threads: Optional[int]) -> dict:
     """Resident memory of a fresh process that imported edge and loaded one engine."""
     code = (
@@ -121,8 +136,7 @@ def run_bench(model: Optional[str] = None, threads: Optional[int] = None, runs: 
     """int8/float32 invoke ratio, preprocessing/invoke ratio, the head's cost per frame in the
     loop with 5,000 stored samples / invoke, and engine memory."""
     from edge.camera import isp_size
-    from edge.engine import DEFAULT_MODEL, FLOAT_MODEL, Embedder, load_reference, load_spread
-    from edge.head import Head
+    from edge.engine import DEFAULT_MODEL, FLOAT_MODEL, Embedder
     from edge.image import prepare
 
     model_path = Path(model) if model else DEFAULT_MODEL
@@ -147,9 +161,7 @@ def run_bench(model: Optional[str] = None, threads: Optional[int] = None, runs: 
         result["int8_over_float32"] = round(ms["int8_invoke_ms"] / ms["float32_invoke_ms"], 3)
     result["preprocess_over_int8_invoke"] = round(ms["preprocess_640x480_ms"] / ms["int8_invoke_ms"], 3)
     result[f"preprocess_{w}x{h}_over_int8_invoke"] = round(ms[f"preprocess_{w}x{h}_ms"] / ms["int8_invoke_ms"], 3)
-    # the default head with the model's reference mean and spread prior, 10 classes x 500 samples
-    head = Head(mean=load_reference(int8.path, int8.dim), spread=load_spread(int8.path, int8.dim))
-    head.set_samples({f"c{k}": np.abs(rng.normal(0, 1, (500, int8.dim))).astype(np.float32) for k in range(10)})
+    head, = heads_5000(int8, "centroid")      # the default head
     vec = int8.invoke(x)
     head.evaluate(vec)              # the fit, once
     loop = in_loop(lambda: int8.invoke(x), lambda: head.evaluate(vec), max(20, runs // 4))
