@@ -11,7 +11,8 @@ Two views of the same embeddings, each doing what it measures best here (see doc
   towards the identity), blended with the plain cosine of the raw embeddings, the whitened part
   weighing more the more samples there are to estimate the spread from. With the model's spread
   prior (how views of one everyday photo differ) the whitened cosine is the mean of two: as
-  above, and in the gate view mapped by the prior, where the taught spread is shrunk towards it.
+  above, and in the gate view mapped by the prior, where the taught spread is shrunk towards it
+  (a frame's length in that view taken from the first's, `_Frame`).
 Pure numpy, no I/O; kinds: "centroid" (class means) and "knn" (mean of a class's k best matches,
 so a class does not win by sample count).
 """
@@ -68,8 +69,8 @@ _SERIALS = count()
 # On clothing-small +0.22 to +0.30 points at 10 shots (2, 3 and 10 classes), never below the
 # head without it (docs/head.md). SPREAD_RANK eigenpairs of C are kept (the rest of its trace
 # spread evenly): the full C, its top 384 and its top 256 gave the same figures (600 draws of 3
-# classes x 10 shots: +0.94, +0.94, +0.96 points), and a frame reads each of its rows (192, 128:
-# lower; docs/head.md). A longer file (made before 2026-12-07, night) is cut to its top rows.
+# classes x 10 shots: +0.94, +0.94, +0.96 points; 192 and 128 lower, docs/head.md); a frame does
+# not read them (`_Frame`). A longer file (made before 2026-12-07, night) is cut to its top rows.
 PRIOR_WEIGHT = 10.0
 PRIOR_SHRINK = 3.0
 SPREAD_RANK = 256
@@ -80,6 +81,9 @@ SPREAD_RANK = 256
 # 12 classes, every sample still counts in both views.
 PRIOR_SAMPLES = 32
 PRIOR_FIT_ROWS = 128
+# A frame is scored at the gate view's length only, the other views' scores rescaled by their
+# mean length ratio over up to LENGTH_ROWS evenly spaced samples of the kit (`_Frame`).
+LENGTH_ROWS = 64
 SPREAD_VIEWS = 8        # augmented views of each photo (edge.evaluate.spread_views)
 # Near-duplicates: samples of one class whose gate cosine reaches DUPLICATE count as views of one
 # thing (frames of one burst, 1/6 s apart). On clothing-small, 5 views of one photo have cosines
@@ -117,15 +121,21 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 def signed_sqrt(x: np.ndarray) -> np.ndarray:
     """sign(x) * sqrt(|x|): tames the few very large activations that dominate cosine."""
     x = np.asarray(x, dtype=np.float32)
-    return np.copysign(np.sqrt(np.abs(x)), x)
+    z = np.sqrt(np.abs(x))
+    return np.copysign(z, x, out=z)
+
+
+def centred(x: np.ndarray, mean: Optional[np.ndarray]) -> np.ndarray:
+    """Signed sqrt, minus the reference mean (if any): the gate view before unit length."""
+    z = signed_sqrt(x)
+    if mean is not None:
+        z -= mean
+    return z
 
 
 def gate_features(x: np.ndarray, mean: Optional[np.ndarray]) -> np.ndarray:
     """Signed sqrt, minus the reference mean (if any), unit length."""
-    z = signed_sqrt(x)
-    if mean is not None:
-        z = z - mean
-    return l2_normalize(z)
+    return l2_normalize(centred(x, mean))
 
 
 class Head:
@@ -228,9 +238,10 @@ class Head:
         distinct = sum(p["distinct"] for p in taught)
         centroids = l2_normalize(means)
         fit = {"labels": labels, "knn": choice[0] if self.kind == "knn" else None,
-               "plain": l2_normalize(np.stack([self._plain[n] for n in labels])),
                "plain_weight": PLAIN_SAMPLES / (PLAIN_SAMPLES + (distinct if taught else sum(map(len, groups)))),
                "nothing": ~real, "threshold": self._fixed_or(FALLBACK_THRESHOLD)}
+        # the plain view's unit centroids, times its weight in the blend
+        fit["plain"] = l2_normalize(np.stack([self._plain[n] for n in labels])) * np.float32(fit["plain_weight"])
         relative = None
         if self.threshold_setting == "auto":
             gate, rel, views, agree = _loo_scores(taught, centroids[real])
@@ -241,7 +252,9 @@ class Head:
                 # compared as rel + offset >= threshold, so one threshold serves both tests
                 shared = centroids[real].mean(axis=0)
                 relative = (shared, l2_normalize(centroids - shared), fit["threshold"] - apart)
-        fit["frame"] = _Frame(centroids, relative, choice if self.kind == "centroid" else [])   # `_View`s
+        rows = np.vstack([_evenly(g, max(1, LENGTH_ROWS // len(groups))) for g in groups])
+        fit["views"] = choice if self.kind == "centroid" else []       # `_View`s, each scoring at its own length
+        fit["frame"] = _Frame(centroids, relative, fit["views"], rows)
         return fit
 
     def _class_parts(self, labels) -> list:
@@ -313,16 +326,18 @@ class Head:
         compare with `threshold`, are the cosine to each centroid and, with "auto", no more than
         the relative score (plus its calibrated offset): a frame passes only when both pass."""
         fit = self._ensure_fit()
-        g = gate_features(np.atleast_2d(x), self.mean)
+        x = np.atleast_2d(np.asarray(x, dtype=np.float32))
         if not fit["labels"]:
-            empty = np.zeros((len(g), 0), dtype=np.float32)
+            empty = np.zeros((len(x), 0), dtype=np.float32)
             return empty, empty
+        # every numpy call after an invoke costs microseconds (cold caches): the gate-view rows
+        # are not made unit length, their products are (`_Frame.products`)
+        z = centred(x, self.mean)
         frame = fit["frame"]
-        products, squares = frame.products(g)
-        choice = frame.choice(g, products, squares) if fit["knn"] is None else fit["knn"](g)
-        w = fit["plain_weight"]
-        plain = l2_normalize(np.atleast_2d(x)) @ fit["plain"].T
-        return (1.0 - w) * choice + w * plain, frame.gate(products, squares)
+        products, squares = frame.products(z)
+        choice = frame.choice(products, squares) if fit["knn"] is None else fit["knn"](l2_normalize(z))
+        plain = (x @ fit["plain"].T) / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-12)[:, None]
+        return (1.0 - fit["plain_weight"]) * choice + plain, frame.gate(products, squares)
 
     def predict(self, x: np.ndarray) -> tuple:
         """(class index per row or -1 for unknown, gate score per row). A frame whose best class
@@ -487,7 +502,7 @@ class PriorMap:
 
     def __init__(self, rows: np.ndarray):
         # C = rows^T rows, as its eigenpairs: the rows of a file are its eigenvectors scaled, but
-        # float16 keeps them orthogonal only to 4e-5, and a frame's length in this view
+        # float16 keeps them orthogonal only to 4e-5, and a row's length in this view
         # (`to_gate_view`) assumes orthonormal directions; a file that is not (accepted by
         # engine.load_spread) would drive that length below zero
         rows = np.asarray(rows, dtype=np.float64)
@@ -521,13 +536,10 @@ class PriorMap:
 
 
 class _View(NamedTuple):
-    """One view of the centroid choice as what a frame's gate-view row g needs: its scores are
+    """One view of the centroid choice as what a gate-view row g needs: its scores are
     (g.n_c) / sqrt(base |g|^2 + sum_i w_i (g.r_i)^2 - u K u), u = (g.s_j) over the spread rows
     s_j, with numerators n_c (C, dim), rows r_i and weights w_i (the prior's directions, in its
-    view), spread rows and kernel K (`_Metric`). All of it is g times fixed rows: `_Frame` puts
-    the numerators and spread rows of all views and the gate's rows in one matrix, the prior's
-    directions are a second product, the kernels apply to the spread's products (docs/head.md,
-    Speed)."""
+    view), spread rows and kernel K (`_Metric`). `_Frame` takes what a frame needs of it."""
     numerators: np.ndarray
     base: float
     rows: np.ndarray
@@ -535,16 +547,29 @@ class _View(NamedTuple):
     spread: np.ndarray
     kernel: np.ndarray
 
+    def lengths(self, g: np.ndarray) -> np.ndarray:
+        """The denominator of the scores of each row of g in this view (its whitened length)."""
+        length = self.base * np.einsum("ij,ij->i", g, g)
+        if len(self.weights):
+            length = length + ((g @ self.rows.T) ** 2) @ self.weights
+        u = g @ self.spread.T
+        return np.sqrt(np.maximum(length - np.einsum("ij,ij->i", u @ self.kernel, u), 1e-24))
+
 
 class _Frame:
-    """What a frame's scores need of a fit, as one matrix: the gate's centroids (and the relative
-    test's), and for the centroid head the numerators and spread rows of its choice views
-    (`_View`); a frame is one product with it and one with the prior's rows (fixed: not copied
-    at each refit), each float read once. As separate products per view the prior's rows were
-    read twice and the parts evicted each other from cache after an invoke, the head cost 0.12-0.20
-    of an invoke against 0.06-0.08 (benchmarks/README.md, "2026-12-07, night")."""
+    """What a frame's scores need of a fit, as one matrix read once per frame: the gate's
+    centroids (and the relative test's) and, for the centroid head, one numerator per class and
+    the first (gate) view's spread rows, folded with its kernel (K = L L^T: u K u = |L^T u|^2).
 
-    def __init__(self, centroids: np.ndarray, relative, views: list):
+    Each view divides by the frame's length in that view, one number per frame; the prior's view
+    needed its 256 directions and its own spread rows for it, 2 of the 2.8 MB a frame read after
+    each invoke. Its ratio to the gate view's length varies little (3 % on clothing-small's test
+    photos), so the other views' scores are taken at the gate view's length times the mean ratio
+    over up to LENGTH_ROWS of the kit's samples (`rows`), and all views' numerators add up to one
+    row per class: 0.02-0.3 % of choices changed, accuracy within 0.03 points (docs/head.md,
+    Speed)."""
+
+    def __init__(self, centroids: np.ndarray, relative, views: list, rows: np.ndarray):
         blocks = [centroids]
         self.classes = len(centroids)
         self.relative = None
@@ -553,30 +578,31 @@ class _Frame:
             blocks += [rel_cents, shared[None, :]]
             self.relative = (float(shared @ shared), shared @ rel_cents.T, offset)
         self.numerators = sum(map(len, blocks))
-        blocks += [v.numerators for v in views]
-        self.views = []            # per view: (base, rows, weights, spread's columns, kernel)
-        for v in views:
+        self.length = None
+        if views:       # the first is the gate view (no prior directions: its rows are empty)
+            first = views[0]
+            own = first.lengths(rows)
+            blocks.append(sum(v.numerators * np.float32(np.mean(own / v.lengths(rows))) for v in views) / len(views))
+            folded = (np.linalg.cholesky(first.kernel).T @ first.spread if np.any(first.kernel)
+                      else np.zeros((0, first.spread.shape[1]), np.float32))
             start = sum(map(len, blocks))
-            blocks.append(v.spread)
-            self.views.append((np.float32(v.base), v.rows, v.weights, slice(start, start + len(v.spread)), v.kernel))
+            blocks.append(folded)
+            self.length = (np.float32(first.base), slice(start, start + len(folded)))
         self.matrix = np.ascontiguousarray(np.vstack(blocks), dtype=np.float32)
 
-    def products(self, g: np.ndarray) -> tuple:
-        """(g's products with every row, |g|^2 per row of g)."""
-        return g @ self.matrix.T, np.einsum("ij,ij->i", g, g)
+    def products(self, z: np.ndarray) -> tuple:
+        """(the products of z's rows made unit length (gate-view rows g) with every row, |g|^2
+        per row: 1, or 0 for a zero row)."""
+        squares = np.einsum("ij,ij->i", z, z)
+        scale = 1.0 / np.maximum(np.sqrt(squares), 1e-12)
+        return (z @ self.matrix.T) * scale[:, None], squares * scale * scale
 
-    def choice(self, g: np.ndarray, products: np.ndarray, squares: np.ndarray) -> np.ndarray:
-        """The centroid choice for gate-view rows g: the mean of the views' whitened cosines, (N, C)."""
-        n, c = len(products), self.classes
-        inverse = np.empty((n, len(self.views)), np.float32)
-        for i, (base, rows, weights, spread, kernel) in enumerate(self.views):
-            length = base * squares
-            if len(weights):
-                length = length + ((g @ rows.T) ** 2) @ weights
-            u = products[:, spread]
-            inverse[:, i] = 1.0 / np.sqrt(np.maximum(length - np.einsum("ij,ij->i", u @ kernel, u), 1e-24))
-        numerators = products[:, self.numerators:self.numerators + c * len(self.views)].reshape(n, -1, c)
-        return np.einsum("nvc,nv->nc", numerators, inverse / np.float32(len(self.views)))
+    def choice(self, products: np.ndarray, squares: np.ndarray) -> np.ndarray:
+        """The centroid choice: the mean of the views' whitened cosines, (N, C)."""
+        base, spread = self.length
+        u = products[:, spread]
+        length = np.sqrt(np.maximum(base * squares - np.einsum("ij,ij->i", u, u), 1e-24))
+        return products[:, self.numerators:self.numerators + self.classes] / length[:, None]
 
     def gate(self, products: np.ndarray, squares: np.ndarray) -> np.ndarray:
         """Gate scores (see `Head.evaluate`), (N, C)."""

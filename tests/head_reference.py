@@ -40,7 +40,8 @@ class SvdHead(Head):
             if mapped is not None:      # the prior's view: what the head then adds for it takes these mapped
                 numerators, basis = self.prior.apply(numerators), self.prior.apply(basis)
             dim = basis.shape[1]
+            keep = weights < 0      # a direction without spread has weight 0: the kernel stays positive definite
             return _View(numerators, float(inv_sqrt_lam) ** 2, np.zeros((0, dim), np.float32), np.zeros(0, np.float32),
-                         basis, np.diag(-weights))
+                         basis[keep], np.diag(-weights[keep]))
         index = _knn_index([white(g) for g in groups])
         return lambda q: _knn_scores(index, white(q), self.k)

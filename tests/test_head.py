@@ -125,11 +125,12 @@ def test_a_refit_after_changes_decides_like_a_fresh_head(kind, with_spread):
 
 @pytest.mark.parametrize("prior", ["float32", "float16", "not orthogonal"])
 def test_centroid_choice_is_the_whitened_cosines_written_out(prior):
-    """The centroid head scores a frame with two products (edge.head._Frame); its choice must be,
+    """The centroid head scores a frame with one product (edge.head._Frame); its choice must be,
     written out with dense matrices: the mean of the whitened cosines to the class means in the
     gate view and in the prior's view (x (PRIOR_WEIGHT C + PRIOR_SHRINK I / dim)^(-1/2), C the
-    prior's rows^T rows with the rest of a unit trace spread evenly), blended with the plain
-    cosine of the raw embeddings. The prior as `edge reference` writes it (float16: orthogonal to
+    prior's rows^T rows with the rest of a unit trace spread evenly), the latter taken at the
+    frame's whitened length in the gate view times the mean ratio of the two lengths over the
+    taught samples (here all of them), blended with the plain cosine of the raw embeddings. The prior as `edge reference` writes it (float16: orthogonal to
     about 1e-4 only), and rows that are not orthogonal at all (accepted by engine.load_spread)."""
     from edge.head import PRIOR_SHRINK, PRIOR_WEIGHT, SHRINK
     rng = np.random.default_rng(11)
@@ -144,17 +145,21 @@ def test_centroid_choice_is_the_whitened_cosines_written_out(prior):
     head.set_samples(raw)
     queries = np.vstack([blobs(rng, c, 5, 0.6) for c in centres] + [np.abs(rng.standard_normal((5, 64))) * 3])
 
-    def cosines(groups, q):
-        """Whitened cosines of rows q to the groups' means: S = R^T R / n + lambda I from the
-        groups' residuals, each group weighing the same."""
+    def whitener(groups):
+        """P = S^-1, S = R^T R / n + lambda I from the groups' residuals, each group weighing the same."""
         res = np.vstack([(v - v.mean(axis=0)) for v in groups]).astype(np.float64)
         n, dim = res.shape
         s = res.T @ res / n
-        p = np.linalg.inv(s + SHRINK * np.trace(s) / dim * np.eye(dim))
+        return np.linalg.inv(s + SHRINK * np.trace(s) / dim * np.eye(dim))
+
+    def length(x, p):
+        x = x.astype(np.float64)
+        return np.sqrt(np.einsum("ij,jk,ik->i", x, p, x))
+
+    def cosines(groups, q, p):
+        """Whitened cosines of rows q to the groups' means."""
         m = np.stack([v.mean(axis=0) for v in groups]).astype(np.float64)
-        q = q.astype(np.float64)
-        top = q @ p @ m.T
-        return top / np.sqrt(np.einsum("ij,jk,ik->i", q, p, q))[:, None] / np.sqrt(np.einsum("ij,jk,ik->i", m, p, m))
+        return (q.astype(np.float64) @ p @ m.T) / length(q, p)[:, None] / length(m, p)[None, :]
 
     rows = spread.astype(np.float64)
     dim = rows.shape[1]
@@ -166,7 +171,13 @@ def test_centroid_choice_is_the_whitened_cosines_written_out(prior):
     tilt = lambda x: l2_normalize((x.astype(np.float64) @ tilt_matrix).astype(np.float32))
     g = [gate_features(v, mean) for v in raw.values()]
     q = gate_features(queries, mean)
-    whitened = 0.5 * (cosines(g, q) + cosines([tilt(v) for v in g], tilt(q)))
+    tilted = [tilt(v) for v in g]
+    p1, p2 = whitener(g), whitener(tilted)
+    gate_length = lambda x: length(x, p1)
+    prior_length = lambda x: length(x.astype(np.float64) @ tilt_matrix, p2)     # of x T, not made unit
+    taught = np.vstack(g)
+    at_gate_length = prior_length(q) / gate_length(q) * np.mean(gate_length(taught) / prior_length(taught))
+    whitened = 0.5 * (cosines(g, q, p1) + cosines(tilted, tilt(q), p2) * at_gate_length[:, None])
     plain = l2_normalize(queries) @ l2_normalize(np.stack([l2_normalize(v).sum(axis=0) for v in raw.values()])).T
     w = head._ensure_fit()["plain_weight"]
     np.testing.assert_allclose(head.evaluate(queries)[0], (1 - w) * whitened + w * plain, atol=1e-5)
