@@ -55,7 +55,7 @@ MIN_LOO = 4
 # so each class's residuals are cut to its top FRAME_ROWS / classes directions (`_residual_rows`):
 # with all 10 classes of clothing-small and 300-500 samples that changed 2-3 % of the choices and
 # gave +0.05 to +0.46 points over the 256 rows (k-NN −0.3 to +0.4), where 128 evenly spaced
-# residuals instead lost 0.15-0.4 points; the frame at 5,000 samples costs 0.068-0.072 of an
+# residuals instead lost 0.15-0.4 points; the frame at 5,000 samples then cost 0.068-0.072 of an
 # invoke instead of 0.077-0.096 (benchmarks/README.md, "2026-12-07, night").
 MAX_FIT_ROWS = 256
 FRAME_ROWS = 128
@@ -82,7 +82,8 @@ SPREAD_RANK = 256
 PRIOR_SAMPLES = 32
 PRIOR_FIT_ROWS = 128
 # A frame is scored at the gate view's length only, the other views' scores rescaled by their
-# mean length ratio over up to LENGTH_ROWS evenly spaced samples of the kit (`_Frame`).
+# mean length ratio over about LENGTH_ROWS evenly spaced samples of the kit (`_Frame`; one per
+# class beyond LENGTH_ROWS classes).
 LENGTH_ROWS = 64
 SPREAD_VIEWS = 8        # augmented views of each photo (edge.evaluate.spread_views)
 # Near-duplicates: samples of one class whose gate cosine reaches DUPLICATE count as views of one
@@ -252,8 +253,8 @@ class Head:
                 # compared as rel + offset >= threshold, so one threshold serves both tests
                 shared = centroids[real].mean(axis=0)
                 relative = (shared, l2_normalize(centroids - shared), fit["threshold"] - apart)
-        rows = np.vstack([_evenly(g, max(1, LENGTH_ROWS // len(groups))) for g in groups])
         fit["views"] = choice if self.kind == "centroid" else []       # `_View`s, each scoring at its own length
+        rows = np.vstack([_evenly(g, max(1, LENGTH_ROWS // len(groups))) for g in groups]) if fit["views"] else None
         fit["frame"] = _Frame(centroids, relative, fit["views"], rows)
         return fit
 
@@ -566,7 +567,7 @@ class _Frame:
     each invoke. Its ratio to the gate view's length varies little (3 % on clothing-small's test
     photos), so the other views' scores are taken at the gate view's length times the mean ratio
     over up to LENGTH_ROWS of the kit's samples (`rows`), and all views' numerators add up to one
-    row per class: 0.02-0.3 % of choices changed, accuracy within 0.03 points (docs/head.md,
+    row per class: 0.02-0.4 % of choices changed, accuracy −0.031 to +0.025 points (docs/head.md,
     Speed)."""
 
     def __init__(self, centroids: np.ndarray, relative, views: list, rows: np.ndarray):
@@ -582,7 +583,8 @@ class _Frame:
         if views:       # the first is the gate view (no prior directions: its rows are empty)
             first = views[0]
             own = first.lengths(rows)
-            blocks.append(sum(v.numerators * np.float32(np.mean(own / v.lengths(rows))) for v in views) / len(views))
+            ratios = [1.0] + [np.mean(own / v.lengths(rows)) for v in views[1:]]
+            blocks.append(sum(v.numerators * np.float32(r) for v, r in zip(views, ratios)) / len(views))
             folded = (np.linalg.cholesky(first.kernel).T @ first.spread if np.any(first.kernel)
                       else np.zeros((0, first.spread.shape[1]), np.float32))
             start = sum(map(len, blocks))

@@ -130,8 +130,10 @@ def test_centroid_choice_is_the_whitened_cosines_written_out(prior):
     gate view and in the prior's view (x (PRIOR_WEIGHT C + PRIOR_SHRINK I / dim)^(-1/2), C the
     prior's rows^T rows with the rest of a unit trace spread evenly), the latter taken at the
     frame's whitened length in the gate view times the mean ratio of the two lengths over the
-    taught samples (here all of them), blended with the plain cosine of the raw embeddings. The prior as `edge reference` writes it (float16: orthogonal to
-    about 1e-4 only), and rows that are not orthogonal at all (accepted by engine.load_spread)."""
+    taught samples (here all of them), blended with the plain cosine of the raw embeddings; its
+    gate scores (a fixed threshold: no relative test) the cosines to the class means. The prior
+    as `edge reference` writes it (float16: orthogonal to about 1e-4 only), and rows that are
+    not orthogonal at all (accepted by engine.load_spread)."""
     from edge.head import PRIOR_SHRINK, PRIOR_WEIGHT, SHRINK
     rng = np.random.default_rng(11)
     spread, mean = toy_spread(rng), world_mean(rng)
@@ -180,7 +182,9 @@ def test_centroid_choice_is_the_whitened_cosines_written_out(prior):
     whitened = 0.5 * (cosines(g, q, p1) + cosines(tilted, tilt(q), p2) * at_gate_length[:, None])
     plain = l2_normalize(queries) @ l2_normalize(np.stack([l2_normalize(v).sum(axis=0) for v in raw.values()])).T
     w = head._ensure_fit()["plain_weight"]
-    np.testing.assert_allclose(head.evaluate(queries)[0], (1 - w) * whitened + w * plain, atol=1e-5)
+    choice, gate = head.evaluate(queries)
+    np.testing.assert_allclose(choice, (1 - w) * whitened + w * plain, atol=1e-5)
+    np.testing.assert_allclose(gate, q @ l2_normalize(np.stack([v.mean(axis=0) for v in g])).T, atol=1e-5)
 
 
 def test_the_spread_prior_is_its_top_eigenpairs_and_its_view_counts_their_directions_less():
