@@ -4,7 +4,8 @@
 
 Prints markdown tables: head vs plain L2 nearest centroid at 1/3/5/10 shots with 2, 3 and all
 classes (also with bursts of 5 frames per shot); the unknown gate (known accuracy, unrelated
-photos, held-out classes, AUROC; also by kit size over 300 draws); a taught "nothing" class.
+photos, held-out classes, AUROC; also by kit size over 300 draws); a taught "nothing" class; how
+often the answer is not the class with the page's longest bar.
 Unknown photos are the odd half of calibration/imagenet-sample, the reference mean is rebuilt
 from the even half plus the registry photos (so it never saw the unknowns), and so is the spread
 prior (`edge reference`'s augmented views of the same photos). --cache keeps the embeddings (per model hash) outside the repo so a
@@ -139,6 +140,27 @@ def main() -> None:
         print(f"| {r['taught_classes']} / {held} | {r['unknown_rate']:.3f} / {r['nothing_unknown_rate']:.3f} | "
               f"{r['known_accuracy']:.3f} / {r['nothing_known_accuracy']:.3f} | "
               f"{r['holdout_unknown_rate']:.3f} / {r['nothing_holdout_unknown_rate']:.3f} |")
+
+    print(f"\nThe page's bars (gate scores) and its answer (the choice), single photos, {args.trials} trials: test "
+          "photos whose answer is not the class with the longest bar; accuracy by the answer / by the longest bar\n")
+    print("| shots | 3 classes | 10 classes |\n| --- | --- | --- |")
+    rng = np.random.default_rng(0)
+    for shots in (3, 10):
+        cells = []
+        for n in (3, len(names)):
+            off, by_choice, by_bar, total = 0, 0, 0, 0
+            for _ in range(args.trials):
+                kit = sorted(rng.choice(names, n, replace=False))
+                h = head()
+                h.set_samples({c: train.classes[c][rng.permutation(len(train.classes[c]))[:shots]] for c in kit})
+                choice, gate = h.evaluate(np.vstack([test.classes[c] for c in kit]))
+                truth = np.repeat(np.arange(n), [len(test.classes[c]) for c in kit])
+                off += int(np.sum(choice.argmax(axis=1) != gate.argmax(axis=1)))
+                by_choice += int(np.sum(choice.argmax(axis=1) == truth))
+                by_bar += int(np.sum(gate.argmax(axis=1) == truth))
+                total += len(truth)
+            cells.append(f"{off / total:.3f} ({by_choice / total:.3f} / {by_bar / total:.3f})")
+        print(f"| {shots} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
