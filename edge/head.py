@@ -41,19 +41,14 @@ SHRINK = 10.0
 # centroid beats every other class's), so the share is BUDGET_AT_90 at agreement 0.9 and grows
 # as (0.9 / agree) ** BUDGET_POWER, at most MAX_BUDGET: one 3 % share for every kit cost over 3
 # points at 2 classes and under 2 at 10; a share growing as the square root of the class count
-# about 1.2 at 3 shots; this costs 1.9-2.2 at 10 shots with every kit size (1.8-2.6 over 300
-# draws), 1.4-1.7 at 3 shots with FALLBACK_VIEWS (docs/head.md, "The unknown gate").
+# about 1.2 at 3 shots; this costs 2.0-2.4 at 10 shots with every kit size (1.9-2.8 over 300
+# draws), 1.7-1.9 at 3 shots (docs/head.md, "The unknown gate").
 BUDGET_AT_90 = 0.02
 BUDGET_POWER = 2.4
 MAX_BUDGET = 0.06
 # Used until at least MIN_LOO leave-one-out similarities exist (classes of one sample, or of
-# near-duplicates of one view, each); after, the "like the class" threshold is pulled towards it
-# as if it were FALLBACK_VIEWS more distinct views (`_towards_fallback`): a bound from 9 views (3
-# classes x 3 shots) is wide and low, and let 24 % of unrelated photos through where 10 shots let
-# 5-7 % (with it 8-10 %, for no more lost accuracy; at 10 shots every figure within 0.2 points or
-# 0.01; docs/head.md "Few shots").
+# near-duplicates of one view, each).
 FALLBACK_THRESHOLD = 0.3
-FALLBACK_VIEWS = 6
 MIN_LOO = 4
 # Residuals used to estimate the within-class spread (keeps re-fitting fast with thousands of
 # samples), evenly spaced samples of each class. A frame reads each row of the gate view's spread,
@@ -253,7 +248,7 @@ class Head:
             gate, rel, views, agree = _loo_scores(taught, centroids[real])
             like, apart = (_gate_threshold(scores, agree, views) for scores in (gate, rel))
             if like is not None:
-                fit["threshold"] = _towards_fallback(like, views)
+                fit["threshold"] = like
             if apart is not None:
                 # compared as rel + offset >= threshold, so one threshold serves both tests
                 shared = centroids[real].mean(axis=0)
@@ -791,14 +786,6 @@ def _gate_threshold(scores: np.ndarray, agree: float, views: float) -> Optional[
     if len(scores) < MIN_LOO:
         return None
     return _budget_threshold(scores, gate_budget(agree), max(views, 2.0))
-
-
-def _towards_fallback(threshold: float, views: float) -> float:
-    """A calibrated threshold from `views` distinct views, pulled towards FALLBACK_THRESHOLD as if
-    that were FALLBACK_VIEWS more views: with few views the bound is wide (and low), with many
-    it decides."""
-    v = max(views, 2.0)
-    return float((v * threshold + FALLBACK_VIEWS * FALLBACK_THRESHOLD) / (v + FALLBACK_VIEWS))
 
 
 def _budget_threshold(values: np.ndarray, budget: float, n: Optional[float] = None) -> float:

@@ -193,26 +193,13 @@ def test_the_gate_spends_two_to_three_points_at_every_class_count(classes, seeds
 @pytest.mark.parametrize("classes", [3, 0])
 def test_the_gate_catches_classes_never_taught(classes, clothing_split, mean, spread):
     """Issue 12: photos of 2 classes never taught are called unknown at least 15 % of the time
-    (3 taught or 8 taught; 0.202 and 0.204 over 300 draws). Unrelated photos are measured by
+    (3 taught or 8 taught; 0.207 and 0.206 over 300 draws). Unrelated photos are measured by
     benchmarks/head_eval.py on photos the reference mean never saw; the registry photos here
     made the shipped mean."""
     train, test = clothing_split
     r = run_trials(train, test, shots=10, trials=100, classes=classes, holdout=2,
                    head_factory=lambda: Head(mean=mean, spread=spread))
     assert r["holdout_unknown_rate"] >= 0.15, r
-
-
-@pytest.mark.parametrize("classes, held", [(3, 2), (2, 0)])
-def test_at_three_shots_the_gate_still_rejects_unrelated_photos(classes, held, clothing_split, registry, mean, spread):
-    """With 3 shots a class's leave-one-out bound is wide and low; pulled towards the fallback
-    threshold as if that were 6 more views (edge.head.FALLBACK_VIEWS), the gate rejects
-    unrelated photos about as at 10 shots, within the 3-point budget (without it: 0.844 and
-    0.778 unknown). The registry photos made the shipped mean, so they are easier than unseen
-    ones (benchmarks/head_eval.py measures those: 0.898 and 0.919 unknown at 3 / 2 and 2 / 2)."""
-    train, test = clothing_split
-    r = run_trials(train, test, shots=3, trials=100, classes=classes, holdout=held, unknown=registry,
-                   head_factory=lambda: Head(mean=mean, spread=spread))
-    assert r["unknown_rate"] >= 0.9 and r["accuracy"] - r["known_accuracy"] <= 0.03, r
 
 
 def test_the_gate_keeps_its_budget_with_bursts(clothing, engine, clothing_split, mean, spread):
