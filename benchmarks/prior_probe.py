@@ -34,7 +34,7 @@ import edge  # noqa: E402,F401  first: numpy then starts one BLAS thread, as in 
 import numpy as np  # noqa: E402
 import head_eval  # noqa: E402
 from edge.engine import DEFAULT_MODEL, Embedder  # noqa: E402
-from edge.evaluate import embed_reference  # noqa: E402
+from edge.evaluate import Split, draw_kits, embed_reference  # noqa: E402
 from edge.head import Head, gate_features, l2_normalize, plain_centroid_predict  # noqa: E402
 
 
@@ -50,20 +50,6 @@ def augmented(root: Path, cache: Path | None) -> np.ndarray:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, out)
     return out
-
-
-def draws(train, test, names, shots, classes, trials, seed):
-    """The same draws as edge.evaluate.run_trials (no holdout)."""
-    rng = np.random.default_rng(seed)
-    for _ in range(trials):
-        order = list(rng.permutation(len(names)))
-        known = [names[i] for i in sorted(order[:classes or len(names)])]
-        taught, q, t = {}, [], []
-        for ci, c in enumerate(known):
-            taught[c] = train[c][rng.permutation(len(train[c]))[:shots]]
-            q.append(test[c])
-            t.append(np.full(len(test[c]), ci))
-        yield taught, np.vstack(q), np.concatenate(t)
 
 
 def prior_variant(prior: tuple, mean: np.ndarray, alpha: float, shrink: float, plain: float):
@@ -144,7 +130,7 @@ def main() -> None:
         variants[f"ensemble at {args.against}"] = older
     acc = {k: [] for k in variants}
     for seed in args.seeds:
-        for taught, q, t in draws(train, test, names, args.shots, args.classes, args.trials, seed):
+        for _, taught, q, t, _ in draw_kits(Split(train), Split(test), args.shots, args.trials, seed, args.classes):
             for k, f in variants.items():
                 acc[k].append(float((f(taught, q) == t).mean()))
     base = np.array(acc["plain centroid"])

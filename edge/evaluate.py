@@ -160,6 +160,33 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
+def draw_kits(train: Split, test: Optional[Split], shots: int, trials: int, seed: int = 0,
+              classes: int = 0, holdout: int = 0):
+    """Each trial's kit, as `run_trials` draws it: (the taught class names, their shots (all
+    frames of each shot's burst when `train` has bursts), the known photos to test, each one's
+    class index, the held-out classes' photos or None). `classes` 0: all but the held-out."""
+    names = list(train.classes)
+    taught_n = classes or len(names) - holdout
+    rng = np.random.default_rng(seed)
+    for _ in range(trials):
+        order = list(rng.permutation(len(names)))
+        held = [names[i] for i in order[:holdout]]
+        known = [names[i] for i in sorted(order[holdout:holdout + taught_n])]
+        shots_by_class, queries, truth = {}, [], []
+        for ci, c in enumerate(known):
+            pool = train.classes[c]
+            pick = rng.permutation(len(pool))
+            rest = pool[pick[shots:]] if test is None else test.classes[c]
+            if train.bursts is not None:
+                shots_by_class[c] = train.bursts[c][pick[:shots]].reshape(-1, pool.shape[1])
+            else:
+                shots_by_class[c] = pool[pick[:shots]]
+            queries.append(rest)
+            truth.append(np.full(len(rest), ci))
+        held_q = np.vstack([train.classes[c] if test is None else test.classes[c] for c in held]) if held else None
+        yield known, shots_by_class, np.vstack(queries), np.concatenate(truth), held_q
+
+
 def run_trials(train: Split, test: Optional[Split], shots: int, trials: int, seed: int = 0,
                head_factory: Callable[[], Head] = Head, unknown: Optional[np.ndarray] = None,
                holdout: int = 0, classes: int = 0, nothing: Optional[np.ndarray] = None,
@@ -191,7 +218,6 @@ def run_trials(train: Split, test: Optional[Split], shots: int, trials: int, see
                                f"{shots} shots need at least {need}")
     if nothing is not None and not 0 < nothing_shots < len(nothing):
         raise DatasetError(f"--nothing needs more than {nothing_shots} photos, found {len(nothing)}")
-    rng = np.random.default_rng(seed)
     nothing_rng = np.random.default_rng([seed, 1])   # own stream: the same trials as without it
     keys = ("accuracy", "known_accuracy", "baseline_accuracy", "unknown_rate", "holdout_unknown_rate",
             "holdout_auroc", "unknown_auroc", "nothing_unknown_rate", "nothing_known_accuracy",
@@ -200,23 +226,7 @@ def run_trials(train: Split, test: Optional[Split], shots: int, trials: int, see
     curve = {o: {"known_accuracy": [], "unknown_rate": [], "holdout_unknown_rate": []} for o in CURVE_OFFSETS}
     per_class = {c: [] for c in names}
     n_test = 0
-    for _ in range(trials):
-        order = list(rng.permutation(len(names)))
-        held = [names[i] for i in order[:holdout]]
-        known = [names[i] for i in sorted(order[holdout:holdout + taught_n])]
-        shots_by_class, queries, truth = {}, [], []
-        for ci, c in enumerate(known):
-            pool = train.classes[c]
-            pick = rng.permutation(len(pool))
-            rest = pool[pick[shots:]] if test is None else test.classes[c]
-            if train.bursts is not None:
-                shots_by_class[c] = train.bursts[c][pick[:shots]].reshape(-1, pool.shape[1])
-            else:
-                shots_by_class[c] = pool[pick[:shots]]
-            queries.append(rest)
-            truth.append(np.full(len(rest), ci))
-        held_q = np.vstack([train.classes[c] if test is None else test.classes[c] for c in held]) if held else None
-        q, t = np.vstack(queries), np.concatenate(truth)
+    for known, shots_by_class, q, t, held_q in draw_kits(train, test, shots, trials, seed, taught_n, holdout):
         n_test = len(q)
         head = head_factory()
         head.set_samples(shots_by_class)
