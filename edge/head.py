@@ -239,10 +239,9 @@ class Head:
         distinct = sum(p["distinct"] for p in taught)
         centroids = l2_normalize(means)
         fit = {"labels": labels, "knn": choice[0] if self.kind == "knn" else None,
+               "plain": l2_normalize(np.stack([self._plain[n] for n in labels])),
                "plain_weight": PLAIN_SAMPLES / (PLAIN_SAMPLES + (distinct if taught else sum(map(len, groups)))),
                "nothing": ~real, "threshold": self._fixed_or(FALLBACK_THRESHOLD)}
-        # the plain view's unit centroids, times its weight in the blend
-        fit["plain"] = l2_normalize(np.stack([self._plain[n] for n in labels])) * np.float32(fit["plain_weight"])
         relative = None
         if self.threshold_setting == "auto":
             gate, rel, views, agree = _loo_scores(taught, centroids[real])
@@ -337,8 +336,8 @@ class Head:
         frame = fit["frame"]
         products, squares = frame.products(z)
         choice = frame.choice(products, squares) if fit["knn"] is None else fit["knn"](l2_normalize(z))
-        plain = (x @ fit["plain"].T) / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-12)[:, None]
-        return (1.0 - fit["plain_weight"]) * choice + plain, frame.gate(products, squares)
+        w = fit["plain_weight"]
+        return (1.0 - w) * choice + w * (l2_normalize(x) @ fit["plain"].T), frame.gate(products, squares)
 
     def predict(self, x: np.ndarray) -> tuple:
         """(class index per row or -1 for unknown, gate score per row). A frame whose best class

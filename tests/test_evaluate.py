@@ -101,7 +101,7 @@ def test_a_frame_at_the_gate_views_length_decides_like_each_views_own(clothing_s
             g = gate_features(queries, mean)
             own = np.mean([(g @ v.numerators.T) / v.lengths(g)[:, None] for v in fit["views"]], axis=0)
             w = fit["plain_weight"]
-            exact = (1 - w) * own + l2_normalize(queries) @ fit["plain"].T     # the plain centroids carry w
+            exact = (1 - w) * own + w * (l2_normalize(queries) @ fit["plain"].T)
             framed = head.evaluate(queries)[0]
             changed += int(np.count_nonzero(exact.argmax(axis=1) != framed.argmax(axis=1)))
             scores.append(np.abs(exact - framed).ravel())
