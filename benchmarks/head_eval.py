@@ -4,8 +4,9 @@
 
 Prints markdown tables: head vs plain L2 nearest centroid at 1/3/5/10 shots with 2, 3 and all
 classes (also with bursts of 5 frames per shot); the unknown gate (known accuracy, unrelated
-photos, held-out classes, AUROC; also by kit size over 300 draws); a taught "nothing" class; how
-often the answer is not the class with the page's longest bar.
+photos, held-out classes, AUROC; also by kit size over 300 draws); a taught "nothing" class; one view
+per class with and without a scene shared by every picture; how often the answer is not the
+class with the page's longest bar.
 Unknown photos are the odd half of calibration/imagenet-sample, the reference mean is rebuilt
 from the even half plus the registry photos (so it never saw the unknowns), and so is the spread
 prior (`edge reference`'s augmented views of the same photos). --cache keeps the embeddings (per model hash) outside the repo so a
@@ -141,6 +142,30 @@ def main() -> None:
         print(f"| {r['taught_classes']} / {held} | {r['unknown_rate']:.3f} / {r['nothing_unknown_rate']:.3f} | "
               f"{r['known_accuracy']:.3f} / {r['nothing_known_accuracy']:.3f} | "
               f"{r['holdout_unknown_rate']:.3f} / {r['nothing_holdout_unknown_rate']:.3f} |")
+
+    scenes = np.linspace(0, len(unknown) - 1, 3).astype(int)
+    print(f"\nA scene shared by every picture (a camera fixed over one table): each of {len(scenes)} unrelated photos "
+          f"in turn added at half weight to every embedding, the others shown as unrelated, {args.trials} trials "
+          "each; known accuracy lost / unrelated unknown / held-out unknown\n")
+    print("| kit | no scene | shared scene |\n| --- | --- | --- |")
+    for n, held, split, shots in ((3, 2, train, 1), (3, 2, bursts, 1), (2, 2, train, 1), (0, 0, train, 1),
+                                  (3, 2, train, 3), (3, 2, train, 10)):
+        cells = []
+        for group in ([None], scenes):
+            rows = []
+            for sc in group:
+                mix = (lambda x: x) if sc is None else (lambda x, s=unknown[sc]: x + np.float32(0.5) * s)
+                part = Split({c: mix(v) for c, v in split.classes.items()},
+                             None if split.bursts is None else {c: mix(v) for c, v in split.bursts.items()})
+                r = run_trials(part, Split({c: mix(v) for c, v in test.classes.items()}), shots, args.trials,
+                               head_factory=head, unknown=mix(np.delete(unknown, [] if sc is None else [sc], axis=0)),
+                               holdout=held, classes=n)
+                rows.append((100 * (r["accuracy"] - r["known_accuracy"]), r["unknown_rate"],
+                             r.get("holdout_unknown_rate", np.nan)))
+            lost, unrelated, held_out = np.mean(rows, axis=0)
+            cells.append(f"{lost:.1f} / {unrelated:.3f}" + ("" if np.isnan(held_out) else f" / {held_out:.3f}"))
+        kit = f"{n or 10} / {held}, {shots} shot{'s' if shots > 1 else ''}" + (f", bursts of {BURST}" if split is bursts else "")
+        print(f"| {kit} | " + " | ".join(cells) + " |")
 
     print(f"\nThe page's bars (gate scores) and its answer (the choice), single photos, {args.trials} trials: test "
           "photos whose answer is not the class with the longest bar; accuracy by the answer / by the longest bar\n")

@@ -46,9 +46,13 @@ SHRINK = 10.0
 BUDGET_AT_90 = 0.02
 BUDGET_POWER = 2.4
 MAX_BUDGET = 0.06
-# Used until at least MIN_LOO leave-one-out similarities exist (classes of one sample, or of
-# near-duplicates of one view, each).
-FALLBACK_THRESHOLD = 0.3
+# Until at least MIN_LOO leave-one-out similarities exist (classes of one sample, or of
+# near-duplicates of one view, each) the threshold is the taught classes' similarity to each other
+# (`_fallback_threshold`), at least FALLBACK_THRESHOLD: two unrelated everyday photos reach a gate
+# cosine of 0.2 in about 3 % of pairs (150 held-out reference photos: 0.16 at the 95th percentile,
+# 0.26 at the 99th); the fixed 0.3 used alone until 2026-12-08 let every untaught thing through
+# when all pictures share a scene (docs/head.md, "One view per class").
+FALLBACK_THRESHOLD = 0.2
 MIN_LOO = 4
 # Residuals used to estimate the within-class spread (keeps re-fitting fast with thousands of
 # samples), evenly spaced samples of each class. A frame reads each row of the gate view's spread,
@@ -241,7 +245,7 @@ class Head:
         fit = {"labels": labels, "knn": choice[0] if self.kind == "knn" else None,
                "plain": l2_normalize(np.stack([self._plain[n] for n in labels])),
                "plain_weight": PLAIN_SAMPLES / (PLAIN_SAMPLES + (distinct if taught else sum(map(len, groups)))),
-               "nothing": ~real, "threshold": self._fixed_or(FALLBACK_THRESHOLD)}
+               "nothing": ~real, "threshold": self._fixed_or(_fallback_threshold(centroids))}
         relative = None
         if self.threshold_setting == "auto":
             gate, rel, views, agree = _loo_scores(taught, centroids[real])
@@ -769,6 +773,21 @@ def _relative_loo(part: dict, shared: np.ndarray, centroid: np.ndarray, n_classe
     u_u = np.maximum(s_s - 2 * s_i + i_i, 0.0)
     v_v = np.maximum(o_o - 2 * o_i + i_i, 0.0)
     return (u_v / (np.maximum(np.sqrt(u_u), 1e-12) * np.maximum(np.sqrt(v_v), 1e-12))).astype(np.float32)
+
+
+def _fallback_threshold(centroids: np.ndarray) -> float:
+    """The "like the class" threshold while there are no leave-one-out scores (one view per
+    class): a frame must look more like its class than the taught classes ("nothing" classes
+    too) look like each other on average (their unit centroids' mean gate-view cosine), and at
+    least FALLBACK_THRESHOLD. The level comes from the kit: with every picture on one table the
+    classes' cosines are near 0.5, where a fixed threshold lets any new thing through."""
+    n = len(centroids)
+    if n < 2:
+        return FALLBACK_THRESHOLD
+    c = centroids.astype(np.float64)
+    total = c.sum(axis=0)
+    cross = (float(total @ total) - float(np.sum(c * c))) / (n * (n - 1))    # mean of c_i . c_j, i != j
+    return max(FALLBACK_THRESHOLD, cross)
 
 
 def gate_budget(agree: float) -> float:

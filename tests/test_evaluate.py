@@ -217,6 +217,27 @@ def test_the_gate_keeps_its_budget_with_bursts(clothing, engine, clothing_split,
         assert r["known_accuracy"] >= r["accuracy"] - 0.06, (shots, r["known_accuracy"], r["accuracy"])
 
 
+@pytest.mark.parametrize("scene", [None, 0, 21, 42])
+def test_one_view_per_class_still_says_unknown_when_every_picture_shares_a_scene(scene, clothing_split, registry,
+                                                                                 mean, spread):
+    """One photo per class (no leave-one-out score yet, the threshold from the kit): a camera
+    fixed over one table sees the table in every frame. A frame's embedding pools its features
+    over the picture, so the scene is simulated as one registry photo's embedding added at half
+    weight to every other. The classes' similarity to each other sets the threshold (docs/head.md,
+    "One view per class"); the fixed 0.3 used before called 14-30 % of these unrelated photos
+    unknown with a shared scene, and cost 10 points without one."""
+    train, test = clothing_split
+    others = np.delete(registry, [] if scene is None else [scene], axis=0)
+    mix = (lambda x: x) if scene is None else (lambda x: x + 0.5 * registry[scene])
+    r = run_trials(Split({c: mix(v) for c, v in train.classes.items()}),
+                   Split({c: mix(v) for c, v in test.classes.items()}), shots=1, trials=40, classes=3,
+                   unknown=mix(others), head_factory=lambda: Head(mean=mean, spread=spread))
+    # measured: 0.89-0.98 unknown for 3.0-4.9 points (the fixed 0.3: 0.14-0.30 with the scene,
+    # 0.997 for 9.9 points without)
+    assert r["unknown_rate"] >= 0.8, r["unknown_rate"]
+    assert r["accuracy"] - r["known_accuracy"] <= 0.07, (r["accuracy"], r["known_accuracy"])
+
+
 def test_a_taught_nothing_class_turns_unrelated_photos_unknown(clothing_split, registry, mean, spread):
     """Some unrelated photos taught as "nothing": the others come back unknown more often than
     without it, and known accuracy holds."""

@@ -312,14 +312,28 @@ def test_near_duplicates_do_not_vouch_for_themselves():
     assert a_burst >= a_single - 0.05, (a_burst, a_single)
 
 
-def test_one_view_per_class_gets_the_fallback_threshold():
+@pytest.mark.parametrize("scene", [0.0, 2.0])
+def test_one_view_per_class_gets_the_classes_similarity_as_threshold(scene):
     """Each class one photo as a burst of near-duplicates: no honest leave-one-out score exists,
-    as with one sample per class."""
+    as with one sample per class. The threshold is then the mean cosine between the classes'
+    centroids in the gate view ("nothing" classes too), at least FALLBACK_THRESHOLD: with a scene
+    shared by every picture it rises with it, where a fixed threshold would let anything in."""
     rng = np.random.default_rng(8)
-    head = Head(mean=world_mean(rng))
-    head.set_samples({f"c{i}": bursts_of(rng, blobs(rng, np.abs(rng.standard_normal(64)) * 3, 1))
-                      for i in range(3)})
-    assert head.threshold == FALLBACK_THRESHOLD
+    mean = world_mean(rng)
+    shared = np.abs(rng.standard_normal(64)) * 3 * scene
+    photos = {f"c{i}": blobs(rng, np.abs(rng.standard_normal(64)) * 3 + shared, 1) for i in range(4)}
+    head = Head(mean=mean)
+    taught = {n: bursts_of(rng, p) for n, p in photos.items()}
+    head.set_samples(taught)
+    head.set_nothing(["c3"])
+    cents = l2_normalize(np.stack([gate_features(taught[n], mean).mean(axis=0) for n in head.labels]))
+    cross = np.mean([cents[i] @ cents[j] for i in range(4) for j in range(4) if i != j])
+    assert head.threshold == pytest.approx(max(FALLBACK_THRESHOLD, cross), abs=1e-6)
+    assert (cross > 0.5) == (scene > 0), cross
+    assert Head(mean=mean).threshold == FALLBACK_THRESHOLD            # nothing taught
+    lone = Head(mean=mean)
+    lone.set_samples({"c0": photos["c0"]})
+    assert lone.threshold == FALLBACK_THRESHOLD                       # one class: nothing to compare with
 
 
 def test_threshold_is_a_prediction_bound_that_widens_with_few_scores():
