@@ -52,7 +52,7 @@ class Recording:
     name: str
     source: str                      # a store source: button, mqtt, web
     by_button: bool = False
-    until: Optional[float] = None    # monotonic deadline (timed command)
+    until: Optional[float] = None    # monotonic deadline (timed command; counted: idle limit)
     count: Optional[int] = None      # samples still wanted (counted command)
     burst: Optional[int] = None      # store burst id, taken with the first sample
     added: int = 0
@@ -88,6 +88,7 @@ class Box:
         self.gestures = Gestures()
         self.frames = 0
         self.label = UNKNOWN_LABEL
+        self._last_vec: Optional[np.ndarray] = None    # the last frame's embedding (`_answer_again`)
         self.view: Optional[np.ndarray] = None   # the model's input of the newest frame
         self._preview_at = 0.0
         self._period = 1.0 / cfg.capture.rate
@@ -241,6 +242,7 @@ class Box:
 
     def process(self, vec: np.ndarray) -> Optional[Decision]:
         """Use one frame's embedding: a training sample while recording, else a decision."""
+        self._last_vec = vec
         if self.recording is not None:
             self._record(vec)
             self._show()
@@ -333,9 +335,10 @@ class Box:
 
     def _do_record(self, cmd: C.Record, source: str):
         name = self._known(cmd.cls)
-        self._start_recording(name, source,
-                              until=None if cmd.seconds is None else time.monotonic() + cmd.seconds,
-                              count=cmd.count)
+        # a counted recording has a deadline too, moved on by each sample learned: on a still
+        # scene, or with no pictures coming, it would never end and the box never answer
+        seconds = rules.RECORD_IDLE_SECONDS if cmd.seconds is None else cmd.seconds
+        self._start_recording(name, source, until=time.monotonic() + seconds, count=cmd.count)
 
     def _do_stop(self, cmd: C.StopRecording, source):
         if self.recording is None:
@@ -356,10 +359,12 @@ class Box:
     def _do_rename(self, cmd: C.Rename, source):
         old = self._known(cmd.old)
         new = rules.new_class_name(cmd.new, self.classes, replacing=old)
-        if self.recording is not None and self.recording.name == old:
-            self._end_recording()
+        if new == old:
+            return None
         with self.store.command():
             self.store.rename_class(old, new)
+        if self.recording is not None and self.recording.name == old:
+            self.recording.name = new      # it goes on, under the new name
         self._refit()
         self._emit({"event": "class_renamed", "from": old, "to": new})
         self._announce_state()
@@ -423,6 +428,8 @@ class Box:
         return {"class": name}
 
     def _do_delete_burst(self, cmd: C.DeleteBurst, source):
+        if self.recording is not None and self.recording.burst == cmd.burst:
+            self._end_recording()       # else its next samples would go on in the deleted burst
         try:
             with self.store.command():
                 name, removed = self.store.delete_burst(cmd.burst)
@@ -519,6 +526,9 @@ class Box:
         source = source if source in SOURCES else "mqtt"
         if self.recording is not None:
             if self.recording.name == name and self.recording.by_button == by_button:
+                if not by_button:     # the same class again: its new limits apply
+                    self.recording.until, self.recording.count = until, count
+                    self._announce_state()
                 return
             self._end_recording()
         self.recording = Recording(name, source, by_button=by_button, until=until, count=count)
@@ -552,6 +562,8 @@ class Box:
         rec.added += 1
         rec.last = view
         rec.next_at = now + self._period
+        if rec.count is not None:
+            rec.until = now + rules.RECORD_IDLE_SECONDS
         self._class_changed(rec.name)
         self._emit({"event": "sample_added", "class": rec.name, "samples": self._count(rec.name)})
         if rec.count is not None:
@@ -588,11 +600,20 @@ class Box:
         self.head.set_samples({c.name: vectors[c.name] for c in infos})
         self.head.set_nothing([c.name for c in infos if c.nothing])
         self.smoother.reset()
+        self._answer_again()
 
     def _class_changed(self, name: str) -> None:
         self.head.set_class(name, self.store.vectors(name))
         self.smoother.reset()
         self._fault_off("storage")
+        self._answer_again()
+
+    def _answer_again(self) -> None:
+        """After a change of what the box knows, answer the last frame anew: with pictures sent
+        over MQTT the next one may never come, and the label, LED and Home Assistant would go on
+        showing a class that was cleared, renamed, removed or made "nothing"."""
+        if self.recording is None and self._last_vec is not None:
+            self._classify(self._last_vec, again=True)
 
     def _undo(self) -> None:
         if self.recording is not None:
@@ -662,7 +683,7 @@ class Box:
 
     # --- recognising -------------------------------------------------------------------------
 
-    def _classify(self, vec: np.ndarray) -> Decision:
+    def _classify(self, vec: np.ndarray, again: bool = False) -> Decision:
         choice, gate = self.head.evaluate(vec)
         labels = self.head.labels
         if self.camera is not None and self.camera.name == "mqtt":
@@ -680,7 +701,7 @@ class Box:
         confidence = self.smoother.confidence() if info is not None else 0.0
         decision = Decision(label=label, index=position, confidence=round(confidence, 4),
                             scores={n: round(s, 4) for n, s in zip(labels, gate[0].tolist())},
-                            ts=time.time(), frame=self.frames, changed=changed)
+                            ts=time.time(), frame=self.frames, changed=changed, again=again)
         if self.panel is not None:   # as _show, with the info at hand (not recording here)
             self.panel.show(info.button if info is not None else None, confidence)
         self._tell("decision", decision)
@@ -782,6 +803,11 @@ def bind_to_config(store: Store, classes) -> List[str]:
                 log.error("class %s from the config does not fit: the box knows %d classes "
                           "already (remove one)", name, rules.MAX_CLASSES)
                 left_out.append(name)
+            else:       # the name is taken by a class wired to another config entry (renamed)
+                log.error("class %s from the config is not added: class %s, wired to the config's "
+                          "class %s (renamed over MQTT or the web page), has that name; rename one of "
+                          "them", name, same.name, same.button)
+                left_out.append(name)
         if mine is not None and config.nothing and not mine.nothing:
             store.set_nothing(mine.name, True)
     return left_out
@@ -808,7 +834,8 @@ def install_import(store: Store, cfg, imported) -> str:
                  f"(add them to config.yaml's classes to wire them)")
     if left_out:
         note += (f"; the buttons of {', '.join(left_out)} have no class now: the box knows "
-                 f"{rules.MAX_CLASSES} classes, the most (remove one to give them back)")
+                 f"{rules.MAX_CLASSES} classes, the most, or another button's class has that name "
+                 f"(remove or rename one to give them back)")
     log.info("%s", note)
     return note
 

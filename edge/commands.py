@@ -180,6 +180,7 @@ class Decision:
     ts: float
     frame: int
     changed: bool
+    again: bool = False     # the same frame answered anew after a change of classes: no new `prediction`
 
 
 class Outputs(Protocol):
@@ -228,6 +229,17 @@ def request_id(value: Any) -> Any:
     return None
 
 
+def _unique_keys(pairs) -> dict:
+    """A JSON object whose keys are each given once: with {"class": "A", "class": "B"} the
+    sender's meaning is unclear (JSON parsers keep the last), so it is refused, as config.yaml does."""
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        seen: set = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {twice!r} is given twice")
+    return body
+
+
 def decode(payload: bytes, max_bytes: int = MAX_PAYLOAD) -> Tuple[Any, Any]:
     """(body, id) of a payload: a dict for a JSON object, else a stripped text.
 
@@ -241,7 +253,8 @@ def decode(payload: bytes, max_bytes: int = MAX_PAYLOAD) -> Tuple[Any, Any]:
         raise CommandInvalid("empty payload ignored (an empty message only clears a retained one); "
                              "send {} or a value")
     try:
-        text = bytes(payload).decode("utf-8").strip()
+        # utf-8-sig: a byte-order mark some editors and tools put first is not part of the text
+        text = bytes(payload).decode("utf-8-sig").strip()
     except UnicodeDecodeError:
         raise CommandInvalid("payload is not UTF-8 text") from None
     if not text:
@@ -251,7 +264,7 @@ def decode(payload: bytes, max_bytes: int = MAX_PAYLOAD) -> Tuple[Any, Any]:
     if _too_deep(text):
         raise CommandInvalid(f"payload nests deeper than {MAX_DEPTH} levels")
     try:
-        body = json.loads(text)
+        body = json.loads(text, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as exc:
         raise CommandInvalid(f"payload is not valid JSON ({str(exc)[:80]})") from None
     if not _is_text(body):
@@ -289,7 +302,7 @@ def _is_text(value: Any) -> bool:
 def loose_id(payload: bytes) -> Any:
     """The request id of a payload refused for its content, so the sender can match the answer."""
     try:
-        text = bytes(payload[:MAX_PAYLOAD]).decode("utf-8")
+        text = bytes(payload[:MAX_PAYLOAD]).decode("utf-8-sig")
         if _too_deep(text):
             return None
         body = json.loads(text)

@@ -153,12 +153,14 @@ class MqttLink(Outputs):
         # Retained "latest values", sent again on every connect; the label is there from the start
         # (an MQTT-camera box may see no picture for a long time).
         self._retained: Dict[str, Tuple[bytes, int]] = {self.topic("label"): (b"unknown", 0)}
+        if cfg.homeassistant:    # with it the confidence, or HA shows the last run's beside "unknown"
+            self._retained[self.topic("confidence")] = (b"0", 0)
         self._state: Optional[dict] = None
         # The largest message the broker may send us (MQTT 5): bigger ones never reach memory.
         self.max_packet = (FRAME_MAX_BYTES if frame_source else COMMAND_MAX_BYTES) + PACKET_SLACK
         self._interval = 1.0 / cfg.rate
         self._last_prediction = -math.inf
-        self._ha_confidence: Optional[int] = None     # the last value sent for Home Assistant
+        self._ha_confidence: Optional[int] = 0 if cfg.homeassistant else None   # the last value sent for HA
         self._ha_confidence_at = -math.inf
         self._dropping = False
         self._closed = False
@@ -244,6 +246,8 @@ class MqttLink(Outputs):
             now = time.monotonic()
             if self.cfg.homeassistant:
                 self._confidence_for_ha(d, now)
+            if d.again:        # each picture gives exactly one prediction (docs/mqtt.md)
+                return
             # 10% slack so frames arriving just under the interval do not halve the rate.
             if self.camera is None and not d.changed and now - self._last_prediction < self._interval * 0.9:
                 return
@@ -269,11 +273,15 @@ class MqttLink(Outputs):
 
     # --- publishing --------------------------------------------------------------------------
 
-    def _state_payload(self) -> bytes:
+    def _state_dict(self, state: Optional[dict]) -> dict:
+        """The box's state as MQTT shows it: with the device id and the link's own counts."""
         extra = {"dropped": self.dropped, "prefix": self.prefix}
         if self.camera is not None:
             extra["frames_dropped"] = self.camera.dropped
-        return commands.to_json(dict(self._state or {}, device_id=self.device_id, mqtt=extra))
+        return dict(state or {}, device_id=self.device_id, mqtt=extra)
+
+    def _state_payload(self) -> bytes:
+        return commands.to_json(self._state_dict(self._state))
 
     def _publish(self, topic: str, payload: Any, qos: int, retain: bool = False) -> None:
         data = payload if isinstance(payload, bytes) else str(payload).encode("utf-8")
@@ -393,8 +401,9 @@ class MqttLink(Outputs):
                 if action == "result":   # our own answers come back through cmd/#
                     return
                 if msg.retain:           # stored by the broker: would run again at every connect
-                    self._refuse(action, msg.payload, "retained commands are ignored; publish "
-                                 "commands without the retain flag (and clear this one)")
+                    if msg.payload:      # (an empty one is the clearing of such a message: ignored)
+                        self._refuse(action, msg.payload, "retained commands are ignored; publish "
+                                     "commands without the retain flag (and clear this one)")
                     return
                 self._command(action, msg.payload)
             elif self.camera is not None and topic == self.topic("camera/frame"):
@@ -439,6 +448,8 @@ class MqttLink(Outputs):
         self._reply(result)
 
     def _reply(self, result: dict) -> None:
+        if isinstance(result.get("state"), dict):     # the `state` command: as the `state` topic says it
+            result = dict(result, state=self._state_dict(result["state"]))
         self._publish(self.topic("cmd/result"), commands.to_json(result), qos=1)
 
     # --- Home Assistant ----------------------------------------------------------------------

@@ -18,10 +18,14 @@ MAX_NAME = 32
 RESERVED = ("unknown",)
 """Names that mean 'none of the classes' and so cannot name a class."""
 NAME_PUNCTUATION = " _-"
+MAX_MARKS = 3
+"""Combining marks on one letter at most (scripts need two or three; a pile of them is not text)."""
 MAX_RECORD_SECONDS = 60.0
 """Longest timed recording a command may ask for."""
 MAX_RECORD_COUNT = 500
 """Most samples one counted recording may ask for."""
+RECORD_IDLE_SECONDS = 10.0
+"""A counted recording that learned nothing for this long ends (a still scene, no pictures)."""
 THRESHOLD_AUTO = "auto"
 
 
@@ -36,20 +40,30 @@ def show(value: Any, limit: int = 40) -> str:
 
 
 def class_name(value: Any) -> str:
-    """A class name: 1..MAX_NAME letters, digits, space, _ or -, no outer spaces, not reserved.
+    """A class name: 1..MAX_NAME letters, digits, space, _ or -, no outer spaces, not reserved;
+    returned in Unicode's composed form (NFC).
 
-    Letters and digits are Unicode ones (a class may be called "Äpfel" or "猫"), but nothing that
-    changes how text is shown (bidi overrides, escapes, control or format characters) and no
-    MQTT wildcard or path separator can get in.
+    Letters and digits are Unicode ones (a class may be called "Äpfel", "猫" or "टोपी"), with the
+    combining marks that many scripts (Devanagari, Thai, Tamil; an accent typed as two
+    characters) write after a letter; but nothing that changes how text is shown (bidi
+    overrides, escapes, control or format characters) and no MQTT wildcard or path separator can
+    get in. NFC: "café" typed with a separate accent (as macOS may send it) is the same name.
     """
     if not isinstance(value, str):
         raise RuleError(f"a class name must be a text, got {show(value)}")
+    value = unicodedata.normalize("NFC", value)
     if not value:
         raise RuleError("a class name must not be empty")
     if len(value) > MAX_NAME:
         raise RuleError(f"class names are at most {MAX_NAME} characters, got {show(value)}")
+    after_letter, marks = False, 0
     for char in value:
-        if not (char in NAME_PUNCTUATION or (char.isalnum() and unicodedata.category(char)[0] in "LN")):
+        kind = unicodedata.category(char)
+        if kind in ("Mn", "Mc") and after_letter and marks < MAX_MARKS:
+            marks += 1      # a mark on the letter or digit before it
+            continue
+        after_letter, marks = char.isalnum() and kind[0] in "LN", 0
+        if not (after_letter or char in NAME_PUNCTUATION):
             raise RuleError(f"class names may use letters, digits, space, _ and -, got {show(value)}")
     if value != value.strip():
         raise RuleError(f"class names must not start or end with a space, got {show(value)}")
@@ -84,9 +98,9 @@ def find_class(value: Any, known: Iterable[str]) -> str:
     known = list(known)
     if not isinstance(value, str) or not value.strip():
         raise RuleError("a class name is required")
-    wanted = value.strip().casefold()
+    wanted = unicodedata.normalize("NFC", value.strip()).casefold()
     for name in known:
-        if name.casefold() == wanted:
+        if unicodedata.normalize("NFC", name).casefold() == wanted:
             return name
     listing = ", ".join(known) if known else "none yet"
     raise RuleError(f"unknown class {show(value.strip())} (classes: {listing})")

@@ -555,3 +555,24 @@ def test_a_command_that_came_while_waiting_for_a_frame_applies_to_that_frame(tmp
     box.step()
     assert {c.name: c.count for c in store.classes()} == {"A": 1} and box.recording is None
     store.close()
+
+
+def test_a_config_class_named_like_a_renamed_class_is_reported_not_dropped(tmp_path, engine, caplog):
+    """Class A renamed to "Hatty" over MQTT keeps A's button; a config class "hatty" added later
+    cannot take that name: its button has no class, and the log says why in one line (it was
+    silently dropped)."""
+    store = Store(tmp_path / "store", engine.model_id, engine.dim)
+    store.open()
+    try:
+        first = parse_config({"classes": [{"name": "A"}]}, base=tmp_path).classes
+        with store.command():
+            assert app_module.bind_to_config(store, first) == []
+            store.rename_class("A", "Hatty")
+        both = parse_config({"classes": [{"name": "A"}, {"name": "hatty"}]}, base=tmp_path).classes
+        with store.command():
+            assert app_module.bind_to_config(store, both) == ["hatty"]
+        assert [(c.name, c.button) for c in store.classes()] == [("Hatty", "A")]
+        lines = [r.getMessage() for r in caplog.records if "hatty" in r.getMessage()]
+        assert lines and "rename one of them" in lines[0] and "\n" not in lines[0], lines
+    finally:
+        store.close()

@@ -203,6 +203,9 @@ GOOD = [
     ("samples", b'{"class": "hat", "limit": 10, "before": 99}', C.ListSamples("hat", 10, 99), None),
     ("sample/delete", b'{"sample": 5}', C.DeleteSample(5), None),
     ("burst/delete", b'{"burst": 2}', C.DeleteBurst(2), None),
+    ("record", b'\xef\xbb\xbf{"class": "hat"}', C.Record("hat", seconds=3.0), None),   # a byte-order mark first
+    ("classes", '{"add": "टोपी"}'.encode(), C.AddClass("टोपी"), None),            # vowel signs are marks
+    ("record", b'{"class": "cafe\\u0301"}', C.Record("caf\u00e9", seconds=3.0), None),   # composed (NFC)
 ]
 
 
@@ -262,6 +265,8 @@ BAD = [
     ("state", b'{"id": "\\ud800"}', "lone surrogate"),     # the answer echoing it could not be sent
     ("record", b'{"class": "\\udcff"}', "lone surrogate"),
     ("jump", b'{"id": "\\ud800"}', "lone surrogate"),
+    ("record", b'{"class": "shoes", "class": "hat"}', "the key 'class' is given twice"),
+    ("classes", b'{"add": "\\u0301a"}', "letters, digits"),                 # a mark on nothing
 ]
 
 
@@ -611,7 +616,7 @@ def test_retained_commands_are_refused_while_connected_and_clearing_them_does_no
                                                                                       engine, clothing):
     """A retained command published while the box is connected is refused too (MQTT 5
     retain-as-published), and clearing it (an empty retained message, `mosquitto_pub -r -n`)
-    neither undoes nor clears anything."""
+    is ignored: no answer (one said "clear this one"), nothing undone or cleared."""
     vectors = engine.embed(Image.open(list_images(clothing / "train" / "shoes")[0]))[np.newaxis]
     running = boxes(broker.port, store_vectors={"shoes": vectors})
     w = watchers(broker)
@@ -620,11 +625,12 @@ def test_retained_commands_are_refused_while_connected_and_clearing_them_does_no
     w.publish(f"{PREFIX}/cmd/classes", b'{"add": "ghost", "id": "live"}', retain=True)
     result = result_after(w, mark)
     assert result["ok"] is False and "retained" in result["error"] and result["id"] == "live"
+    mark = w.mark()
     for action in ("clear", "undo", "classes"):
-        mark = w.mark()
         w.publish(f"{PREFIX}/cmd/{action}", b"", retain=True)      # clears the retained message
-        result = result_after(w, mark)
-        assert result["ok"] is False, result
+    assert send(w, "state", b'{"id": "after"}')["id"] == "after"    # commands are answered in order
+    answers = [json.loads(m.payload) for m in w.messages[mark:] if m.topic == f"{PREFIX}/cmd/result"]
+    assert [a.get("id") for a in answers] == ["after"], answers
     assert [(c.name, c.count) for c in running.store.classes()] == [("shoes", 1), ("hat", 0)]
 
 
@@ -786,3 +792,83 @@ def test_train_two_classes_over_mqtt_end_to_end(broker, watchers, boxes, clothin
     frames = [json.loads(m.payload)["frame"] for m in predictions]
     assert frames == list(range(frames[0], frames[0] + sent))
     assert right >= 0.8 * sent, f"{right}/{sent} right"
+
+
+@needs_broker
+def test_a_counted_recording_that_learns_nothing_ends(broker, watchers, boxes, monkeypatch):
+    """`record` with a count and no picture coming (or a still scene) ends once nothing was
+    learned for RECORD_IDLE_SECONDS: it used to stay recording, and so not answering, for ever.
+    `record` for the class already recording gives it the new limits."""
+    from edge import rules
+    monkeypatch.setattr(rules, "RECORD_IDLE_SECONDS", 1.0)
+    boxes(broker.port)
+    w = watchers(broker)
+    w.wait(f"{PREFIX}/status", lambda m: m.payload == b"online")
+    mark = w.mark()
+    assert send(w, "record", b'{"class": "shoes", "count": 5}')["ok"]
+    stopped = json.loads(w.wait(f"{PREFIX}/event", lambda m: json.loads(m.payload)["event"] == "recording_stopped",
+                                after=mark, timeout=5).payload)
+    assert stopped["class"] == "shoes" and stopped["added"] == 0
+    mark = w.mark()
+    assert send(w, "record", b'{"class": "hat", "seconds": 60}')["ok"]
+    assert send(w, "record", b'{"class": "hat", "seconds": 0.5}')["ok"]     # the new limit applies
+    w.wait(f"{PREFIX}/event", lambda m: json.loads(m.payload)["event"] == "recording_stopped", after=mark, timeout=5)
+
+
+@needs_broker
+def test_the_label_follows_class_changes_without_a_new_picture(broker, watchers, boxes, engine, clothing):
+    """With pictures over MQTT the next picture may never come: clearing, renaming or marking the
+    class just answered answers the last picture again (label and Home Assistant's confidence),
+    without a second `prediction` for it. A rename keeps a recording going under the new name;
+    a rename to the same name does nothing."""
+    shoes = list_images(clothing / "train" / "shoes")
+    vectors = np.stack([engine.embed(Image.open(p)) for p in shoes[:6]])
+    boxes(broker.port, store_vectors={"shoes": vectors, "hat": np.stack(
+        [engine.embed(Image.open(p)) for p in list_images(clothing / "train" / "hat")[:6]])}, homeassistant=True)
+    w = watchers(broker)
+    w.wait(f"{PREFIX}/status", lambda m: m.payload == b"online")
+    assert w.on(f"{PREFIX}/confidence")[-1].payload == b"0"       # retained from the start, with the label
+    mark = w.mark()
+    w.publish(f"{PREFIX}/camera/frame", jpeg_bytes(list_images(clothing / "test" / "shoes")[0]))
+    assert json.loads(w.wait(f"{PREFIX}/prediction", after=mark).payload)["label"] == "shoes"
+    w.wait(f"{PREFIX}/label", lambda m: m.payload == b"shoes", after=mark)
+    for action, payload, label in (("rename", b'{"from": "shoes", "to": "boots"}', b"boots"),
+                                   ("nothing", b'{"class": "boots", "nothing": true}', b"unknown"),
+                                   ("nothing", b'{"class": "boots", "nothing": false}', b"boots"),
+                                   ("clear", b'{"all": true}', b"unknown")):
+        step = w.mark()
+        assert send(w, action, payload)["ok"]
+        w.wait(f"{PREFIX}/label", lambda m: m.payload == label, after=step, timeout=5)
+    w.wait(f"{PREFIX}/confidence", lambda m: m.payload == b"0", after=mark, timeout=5)
+    time.sleep(0.3)
+    assert len([m for m in w.messages[mark:] if m.topic == f"{PREFIX}/prediction"]) == 1
+    mark = w.mark()
+    assert send(w, "record", b'{"class": "hat", "count": 3}')["ok"]
+    assert send(w, "rename", b'{"from": "hat", "to": "hat"}')["ok"]         # the same name: nothing happens
+    assert send(w, "rename", b'{"from": "hat", "to": "Cap"}')["ok"]
+    w.publish(f"{PREFIX}/camera/frame", jpeg_bytes(list_images(clothing / "train" / "hat")[7]))
+    added = json.loads(w.wait(f"{PREFIX}/event", lambda m: json.loads(m.payload)["event"] == "sample_added",
+                              after=mark).payload)
+    assert added == dict(added, **{"class": "Cap", "samples": 1})
+    events = [e for e in (json.loads(m.payload) for m in w.messages[mark:] if m.topic == f"{PREFIX}/event")]
+    assert [e["event"] for e in events if e["event"] != "sample_added"] == ["class_renamed"], events
+    state = send(w, "state", b"{}")["state"]      # as the `state` topic says it
+    assert state["device_id"] == "test" and "dropped" in state["mqtt"] and state["recording"] == "Cap"
+
+
+@needs_broker
+def test_deleting_the_burst_being_recorded_ends_the_recording(broker, watchers, boxes, clothing):
+    running = boxes(broker.port)
+    w = watchers(broker)
+    w.wait(f"{PREFIX}/status", lambda m: m.payload == b"online")
+    mark = w.mark()
+    assert send(w, "record", b'{"class": "shoes", "count": 10}')["ok"]
+    w.publish(f"{PREFIX}/camera/frame", jpeg_bytes(list_images(clothing / "train" / "shoes")[0]))
+    w.wait(f"{PREFIX}/event", lambda m: json.loads(m.payload)["event"] == "sample_added", after=mark)
+    burst = running.store.last_burst()[1]
+    assert send(w, "burst/delete", json.dumps({"burst": burst}).encode())["ok"]
+    stopped = [json.loads(m.payload) for m in w.messages[mark:] if m.topic == f"{PREFIX}/event"]
+    assert [e["event"] for e in stopped][-2:] == ["recording_stopped", "burst_deleted"], stopped
+    w.publish(f"{PREFIX}/camera/frame", jpeg_bytes(list_images(clothing / "train" / "shoes")[1]))
+    time.sleep(1.0)
+    assert running.store.classes()[0].count == 0           # not recorded into the deleted burst
