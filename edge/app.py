@@ -317,7 +317,9 @@ class Box:
             if extra:
                 result.update(extra)
         except (CommandError, rules.RuleError, NotFound) as exc:
-            result.update(ok=False, error=str(exc).strip("'\""))
+            # a KeyError's str() quotes its message; other messages may end in a quoted value
+            text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            result.update(ok=False, error=str(text))
         except StoreError as exc:
             self._storage_fault(exc)
             result.update(ok=False, error=f"storage: {exc}")
@@ -757,11 +759,13 @@ class Box:
         if self.faults.get(code) != message:
             self.faults[code] = message
             self._show_status()
+            self._announce_state()      # the page shows what the status LED blinks
 
     def _fault_off(self, code: str) -> None:
         if code in self.faults and not (code == "storage" and getattr(self.store, "read_only", False)):
             del self.faults[code]
             self._show_status()
+            self._announce_state()
             log.info("%s works again", code)       # the journal showed the error, never its end
             self._emit({"event": "recovered", "source": code})
 

@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from edge import rules
+
 FORMAT = "edge-knowledge"
 VERSION = 1
 SNAPSHOT = "knowledge.npz"
@@ -93,8 +95,9 @@ def parse_vectors(raw: bytes, rows: int, dim: int) -> np.ndarray:
     if len(data) != rows * dim * 4:
         raise LegacyError(f"{VECTORS} is truncated")
     vectors = np.frombuffer(data, dtype="<f4").reshape(rows, dim).astype(np.float32)
-    if not np.isfinite(vectors).all():
-        raise LegacyError(f"{VECTORS} holds NaN or infinite values")
+    problem = rules.vectors_problem(vectors)
+    if problem is not None:
+        raise LegacyError(f"{VECTORS} holds {problem}")
     return vectors
 
 
@@ -186,7 +189,7 @@ def _apply(classes: Dict[str, np.ndarray], settings: dict, op: dict, dim: int) -
     kind = op.get("op")
     if kind == "add":
         v = op["vectors"]
-        if v.ndim != 2 or v.shape[1] != dim or not np.isfinite(v).all():
+        if v.ndim != 2 or v.shape[1] != dim or rules.vectors_problem(v) is not None:
             raise ValueError("bad vectors")
         old = classes.get(op["class"])
         classes[op["class"]] = v if old is None else np.concatenate([old, v])

@@ -1,4 +1,5 @@
-"""What is valid, defined once: class names, class count, the unknown threshold, record bounds.
+"""What is valid, defined once: class names, class count, the unknown threshold, record bounds,
+a stored embedding's values.
 
 Config, MQTT, the web page, import and the store's own load all check with these functions, so a
 name the config refuses can never arrive over MQTT or in an import file, and the other way round.
@@ -10,6 +11,8 @@ from __future__ import annotations
 import math
 import unicodedata
 from typing import Any, Iterable, Optional, Union
+
+import numpy as np
 
 MAX_CLASSES = 8
 """Classes a box knows at most (buttons plus classes taught over MQTT or the web page)."""
@@ -27,6 +30,10 @@ MAX_RECORD_COUNT = 500
 RECORD_IDLE_SECONDS = 10.0
 """A counted recording that learned nothing for this long ends (a still scene, no pictures)."""
 THRESHOLD_AUTO = "auto"
+MAX_FEATURE = 1e4
+"""Largest size of one number of a stored embedding. A model's features are activations
+(MobileNetV2's 0 to 6); an imported 3e38 overflowed the head's sums and left a class that could
+never match."""
 
 
 class RuleError(ValueError):
@@ -151,3 +158,12 @@ def record_count(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_RECORD_COUNT:
         raise RuleError(f"'count' must be a whole number from 1 to {MAX_RECORD_COUNT}")
     return value
+
+
+def vectors_problem(vectors: np.ndarray) -> Optional[str]:
+    """What makes stored embeddings unusable (NaN, infinite, or beyond MAX_FEATURE), or None."""
+    if not np.isfinite(vectors).all():
+        return "NaN or infinite values"
+    if vectors.size and float(np.abs(vectors).max()) > MAX_FEATURE:
+        return f"values beyond {MAX_FEATURE:g} (no model's features are that large)"
+    return None

@@ -22,7 +22,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from edge import rules
-from edge.store_db import MAX_THUMBNAIL_BYTES, SETTINGS, SOURCES, Folder, StoreError, read_only_error, why
+from edge.store_db import (MAX_THUMBNAIL_BYTES, SETTINGS, SOURCES, Folder, StoreError, is_thumbnail, read_only_error,
+                           why)
 
 class NotFound(StoreError, KeyError):
     """No class or sample of that name or id."""
@@ -298,7 +299,7 @@ class Store:
             raise ValueError("give one thumbnail (or None) per vector")
         thumbs = list(thumbnails) if thumbnails is not None and self.thumbnails_on else [None] * len(vectors)
         for t in thumbs:
-            if t is not None and (not isinstance(t, (bytes, bytearray)) or len(t) > MAX_THUMBNAIL_BYTES):
+            if t is not None and not is_thumbnail(t):
                 raise ValueError(f"a thumbnail must be JPEG bytes of at most {MAX_THUMBNAIL_BYTES}")
         times = [time.time() if ts is None else ts] * len(vectors) if not isinstance(ts, (list, tuple)) else ts
         if len(times) != len(vectors) or not all(rules.is_number(t) for t in times):
@@ -480,6 +481,7 @@ class Store:
             v = v[None, :]
         if v.ndim != 2 or v.shape[1] != self.dim or len(v) == 0:
             raise ValueError(f"vectors must have shape (n>=1, {self.dim}), not {vectors.shape}")
-        if not np.isfinite(v).all():
-            raise ValueError("vectors contain NaN or infinite values")
+        problem = rules.vectors_problem(v)
+        if problem is not None:
+            raise ValueError(f"vectors contain {problem}")
         return v

@@ -29,6 +29,13 @@ SOURCES = ("button", "mqtt", "web", "import")
 """Where a sample came from."""
 MAX_THUMBNAIL_BYTES = 16 << 10
 """A thumbnail is a small JPEG (the gallery shows ~100 px); larger ones are refused."""
+
+
+def is_thumbnail(data) -> bool:
+    """Bytes that can be a thumbnail: a JPEG (its start-of-image marker) of at most
+    MAX_THUMBNAIL_BYTES. An imported file's other bytes showed as broken pictures in the gallery."""
+    return isinstance(data, (bytes, bytearray)) and len(data) <= MAX_THUMBNAIL_BYTES \
+        and bytes(data[:3]) == b"\xff\xd8\xff"
 SETTINGS: Dict[str, Callable[[Any], Any]] = {
     "threshold": rules.threshold,          # set at run time (MQTT, web); beats the config's
     "threshold_config": rules.threshold,   # the config's threshold when it was set (see docs/store.md)

@@ -24,7 +24,8 @@ import numpy as np
 
 from edge import __version__, legacy_store, rules
 from edge.store import ClassInfo, Store
-from edge.store_db import MAX_THUMBNAIL_BYTES, SETTINGS, SOURCES, StoreError, replace_durably, short_model, why
+from edge.store_db import (MAX_THUMBNAIL_BYTES, SETTINGS, SOURCES, StoreError, is_thumbnail, replace_durably,
+                           short_model, why)
 
 FORMAT = legacy_store.FORMAT
 VERSION = 2
@@ -67,8 +68,13 @@ def import_limit(store: Store) -> int:
 
 
 def export(store: Store, path: Path, thumbnails: bool = False) -> None:
-    """Write everything the store holds to one file, atomically (StoreError when it cannot)."""
+    """Write everything the store holds to one file, atomically (StoreError when it cannot).
+    Never into the store's own folder: `edge export store/knowledge.db` replaced the database."""
     path = Path(path)
+    folder = store.folder.resolve()
+    if folder == path.resolve().parent or folder in path.resolve().parents:
+        raise StoreError(f"will not write an export into the box's store folder {store.folder}; "
+                         f"choose a file elsewhere")
     with store.reading():
         meta_classes, blobs, thumbs = [], [], []
         for info in store.classes():
@@ -221,6 +227,8 @@ def _version_2(store: Store, path: Path, meta: dict, raw_vectors: bytes, raw_thu
             raise _Refused("thumbnails do not match their sizes")
         ends = np.cumsum([0] + sizes).tolist()
         thumbs = [raw_thumbs[a:b] or None for a, b in zip(ends, ends[1:])]
+        if not all(t is None or is_thumbnail(t) for t in thumbs):
+            raise _Refused(f"{THUMBNAILS} holds something that is not a JPEG picture")
     out = Imported(path, 2, [], clean, {}, {})
     start = 0
     for c, name, count in zip(classes, names, counts):

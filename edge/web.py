@@ -30,7 +30,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Optional, Set
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from edge import __version__, commands, rules
 from edge.commands import CommandInvalid, Request
@@ -54,6 +54,7 @@ EXTENSION_URL = "/scratch/edge-box.js"
 WS_PLACEHOLDER = "__EDGE_DEFAULT_WS__"
 MAX_WS_MESSAGE = 8192          # a command is a few dozen bytes
 MAX_CLIENTS = 32
+MAX_CLIENTS_PER_ADDRESS = 8    # one device cannot take every page's place
 MAX_BACKLOG = 256              # JSON messages waiting for one slow browser before it is dropped
 DECISION_INTERVAL = 0.1        # at most 10 decisions a second per browser (label changes always)
 ANSWER_TIMEOUT = 60.0          # export/import wait this long for the loop
@@ -84,6 +85,7 @@ class WebServer:
         self._stop: Optional[asyncio.Event] = None
         self._clients: Set["_Client"] = set()
         self._watching = 0                        # clients that want the live picture
+        self._importing = False                   # one upload at a time: each holds the whole file
         self._state: Optional[dict] = None
         self._decision: Optional[dict] = None
         self._preview = None
@@ -316,11 +318,18 @@ class WebServer:
     # --- the WebSocket -----------------------------------------------------------------------
 
     async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
+        address = request.remote or "?"
+        full = None
         if len(self._clients) >= MAX_CLIENTS:
-            raise web.HTTPServiceUnavailable(text=f"at most {MAX_CLIENTS} pages at once")
+            full = f"the box has {MAX_CLIENTS} pages open, the most: close one"
+        elif sum(1 for c in self._clients if c.address == address) >= MAX_CLIENTS_PER_ADDRESS:
+            full = f"this device has {MAX_CLIENTS_PER_ADDRESS} pages of the box open, the most: close one"
         ws = web.WebSocketResponse(heartbeat=20, max_msg_size=MAX_WS_MESSAGE)
         await ws.prepare(request)
-        client = _Client(self, ws, request.remote or "?")
+        if full is not None:    # closed with the reason, which the page shows (an HTTP error it cannot read)
+            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=full.encode("utf-8"))
+            return ws
+        client = _Client(self, ws, address)
         self._clients.add(client)
         writer = asyncio.ensure_future(client.write())
         client.send_json({"type": "hello", "device_id": self.device_id, "version": __version__,
@@ -431,14 +440,20 @@ class WebServer:
             return _refuse(403, error)
         if request.content_length is not None and request.content_length > self.max_upload:
             return _refuse(413, f"the file is larger than {self.max_upload >> 20} MB; is it an export file?")
+        if self._importing:     # 16 uploads at once took 36 MB each (a Pi Zero 2 has 512 MB in all)
+            return _refuse(503, "another file is being loaded into the box; try again in a moment")
+        self._importing = True
         try:
-            data = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return _refuse(413, f"the file is larger than {self.max_upload >> 20} MB; is it an export file?")
-        if not data:
-            return _refuse(400, "no file was sent")
-        log.info("web: import of %d bytes from %s", len(data), request.remote)
-        result = await self._ask(commands.Import(bytes(data)))
+            try:
+                data = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return _refuse(413, f"the file is larger than {self.max_upload >> 20} MB; is it an export file?")
+            if not data:
+                return _refuse(400, "no file was sent")
+            log.info("web: import of %d bytes from %s", len(data), request.remote)
+            result = await self._ask(commands.Import(bytes(data)))
+        finally:
+            self._importing = False
         result.pop("data", None)
         return web.json_response(result, status=200 if result.get("ok") else 400, dumps=_json_text)
 

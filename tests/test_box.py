@@ -54,6 +54,7 @@ class Rig:
         self.factory = factory
         self.events = []
         self.decisions = []
+        self.states = []
         self.start()
 
     def start(self):
@@ -84,7 +85,7 @@ class Rig:
         self.decisions.append(d)
 
     def state(self, s):
-        pass
+        self.states.append(s)
 
     def event(self, e):
         self.events.append(e)
@@ -576,3 +577,37 @@ def test_a_config_class_named_like_a_renamed_class_is_reported_not_dropped(tmp_p
         assert lines and "rename one of them" in lines[0] and "\n" not in lines[0], lines
     finally:
         store.close()
+
+
+def test_a_camera_fault_is_announced_at_once(rig, clothing):
+    """The page and MQTT `state` learn of a camera fault when it starts and ends, not with the
+    next change of something else (the page said "status: ok" while the LED blinked)."""
+    rig.show(list_images(clothing / "train" / "shoes")[:2])
+    assert wait_for(lambda: rig.decisions)
+    for f in rig.cam.iterdir():
+        f.write_bytes(b"garbage")
+    assert wait_for(lambda: any(s["fault"] == "camera" for s in rig.states), 10), rig.states[-1:]
+    rig.show(list_images(clothing / "train" / "shoes")[:2])
+    assert wait_for(lambda: rig.states[-1]["fault"] is None and not rig.states[-1]["faults"], 15), rig.states[-1]
+
+
+def test_an_error_ending_in_a_quoted_value_keeps_its_quote(rig):
+    """Answers lost the closing quote of a value at the end of their message (the page showed
+    `unknown setting 'evil`); a missing sample's KeyError still comes without its own quotes."""
+    replies = []
+    rig.box.submit(C.Request(C.Export(), "web", None, replies.append))
+    assert wait_for(lambda: replies)
+    with zipfile.ZipFile(io.BytesIO(replies[0]["data"])) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    meta = json.loads(members["meta.json"])
+    meta["settings"] = dict(meta.get("settings") or {}, evil=1)
+    members["meta.json"] = json.dumps(meta).encode()
+    bad = io.BytesIO()
+    with zipfile.ZipFile(bad, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    rig.box.submit(C.Request(C.Import(bad.getvalue()), "web", None, replies.append))
+    rig.send("sample/delete", {"sample": 99999}, replies.append)
+    assert wait_for(lambda: len(replies) == 3)
+    assert replies[1]["error"].endswith("unknown setting 'evil'"), replies[1]
+    assert replies[2]["error"] == "no sample with id 99999", replies[2]

@@ -715,6 +715,11 @@ def test_export_is_atomic_and_leaves_no_scratch(tmp_path):
     assert zipfile.is_zipfile(path) and [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     with pytest.raises(StoreError, match="could not export"):
         transfer.export(s, tmp_path / "missing" / "k.edge")
+    before = files(tmp_path / "a")
+    for inside in (tmp_path / "a" / sdb.DB, tmp_path / "a" / "sub" / "k.edge"):    # the live database, once
+        with pytest.raises(StoreError, match="store folder"):
+            transfer.export(s, inside)
+    assert files(tmp_path / "a") == before and state(s)["classes"]
 
 
 def test_an_import_is_trimmed_to_this_boxs_cap(tmp_path):
@@ -1072,3 +1077,35 @@ def test_kill_9_at_random_moments_leaves_the_state_before_or_after_a_command(tmp
     assert results["trials"] == trials and results["commands"] > trials
     assert results["mixed"] == [], f"seed {seed}: {results['mixed']}"
     assert results["faults"] == [], f"seed {seed}"
+
+
+@pytest.mark.parametrize("member", ["thumbnails.bin", "vectors.npy"])
+def test_an_export_with_unusable_contents_is_refused(tmp_path, member):
+    """Thumbnails that are not JPEG pictures (the gallery showed broken pictures) and embeddings
+    of 3e38 (the head's sums overflowed: that class never matched) are refused like NaN."""
+    filled(tmp_path / "src").close()
+    src = opened(tmp_path / "src")
+    good = tmp_path / "good.edge"
+    transfer.export(src, good, thumbnails=True)
+    src.close()
+    with zipfile.ZipFile(good) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    if member == "thumbnails.bin":
+        members[member] = b"G" * len(members[member])
+    else:
+        header_end = len(members[member]) - 5 * D * 4
+        members[member] = members[member][:header_end] + np.full(5 * D, 3e38, "<f4").tobytes()
+    bad = tmp_path / "bad.edge"
+    with zipfile.ZipFile(bad, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    s = filled(tmp_path / "s")
+    before = state(s)
+    with pytest.raises(StoreError) as e:
+        transfer.read(s, bad)
+    assert ("not a JPEG" if member == "thumbnails.bin" else "values beyond") in str(e.value), str(e.value)
+    assert state(s) == before
+    with pytest.raises(ValueError, match="values beyond"):
+        with s.command():
+            s.add_samples("cup", np.full((1, D), -2e4, np.float32), "button", s.new_burst())
+    assert state(s) == before

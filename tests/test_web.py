@@ -980,3 +980,53 @@ def test_an_https_editor_cannot_reach_the_box(daemons, browser, clothing, tmp_pa
     assert report["extension"] == "TypeError", report          # blocked: "Failed to fetch"
     with urllib.request.urlopen(f"http://{lan}:{box.port}/scratch/edge-box.js", timeout=10) as r:
         assert r.status == 200, "the box itself answers on that address (only the browser refused)"
+
+
+def test_one_device_cannot_take_every_page_place_and_is_told_why(server):
+    """Pages are limited per address as well as in all (one device kept all 32 places and every
+    other page showed only "not connected"); a refused page is closed with the reason, which the
+    page shows (code 1013, try again later)."""
+    from edge.web import MAX_CLIENTS_PER_ADDRESS
+    srv, _ = server()
+
+    async def script():
+        async with aiohttp.ClientSession() as session:
+            held = [await session.ws_connect(f"http://127.0.0.1:{srv.port}/ws")
+                    for _ in range(MAX_CLIENTS_PER_ADDRESS)]
+            for ws in held:
+                assert json.loads((await ws.receive()).data)["type"] == "hello"
+            extra = await session.ws_connect(f"http://127.0.0.1:{srv.port}/ws")
+            msg = await asyncio.wait_for(extra.receive(), 10)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1013, msg
+            assert "this device has 8 pages" in msg.extra, msg
+            await held[0].close()
+            await asyncio.sleep(0.3)
+            again = await session.ws_connect(f"http://127.0.0.1:{srv.port}/ws")
+            assert json.loads((await asyncio.wait_for(again.receive(), 10)).data)["type"] == "hello"
+            for ws in held[1:] + [again]:
+                await ws.close()
+    run(script())
+
+
+def test_files_are_loaded_one_at_a_time(server):
+    """Each upload holds its whole file in memory: 16 at once took 36 MB each. A second one
+    while the first is read or loaded is refused at once, in one line, and the first goes on."""
+    import threading
+    srv, queue = server(answer=None)            # the box answers when the test says so
+    done = {"action": "import", "ok": True, "message": "imported 1 samples in 1 classes"}
+    first = {}
+    t = threading.Thread(target=lambda: first.update(r=http(srv, "/api/import", "POST", b"PK first")))
+    t.start()
+    wait_until(lambda: queue.requests, what="the first upload reaching the box")
+    status, body, _ = http(srv, "/api/import", "POST", b"PK second")      # the box is busy loading it
+    assert status == 503 and "another file is being loaded" in json.loads(body)["error"]
+    queue.requests[0].reply(done)
+    t.join(10)
+    assert first["r"][0] == 200 and len(queue.requests) == 1
+    third = {}
+    t = threading.Thread(target=lambda: third.update(r=http(srv, "/api/import", "POST", b"PK third")))
+    t.start()                                   # the place is free again
+    wait_until(lambda: len(queue.requests) == 2, what="the third upload reaching the box")
+    queue.requests[1].reply(done)
+    t.join(10)
+    assert third["r"][0] == 200

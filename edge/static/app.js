@@ -39,8 +39,8 @@ function connect() {
     if (pin) ws.send(JSON.stringify({ type: "login", pin }));
   };
   ws.onmessage = (ev) => (typeof ev.data === "string" ? receive(JSON.parse(ev.data)) : showPicture(ev.data));
-  ws.onclose = () => {
-    setLink(false);
+  ws.onclose = (ev) => {
+    setLink(false, ev.code === 1013 ? ev.reason : "");   // 1013: the box has no room for this page
     for (const resolve of pending.values()) resolve({ ok: false, error: "lost the connection to the box" });
     pending.clear();
     letGo();
@@ -51,9 +51,9 @@ function connect() {
   };
 }
 
-function setLink(on) {
+function setLink(on, why = "") {
   const el = $("link");
-  el.textContent = on ? "connected" : "not connected";
+  el.textContent = on ? "connected" : why ? `not connected: ${why}` : "not connected";
   el.className = "pill " + (on ? "on" : "off");
   document.body.classList.toggle("offline", !on);
 }
