@@ -250,23 +250,29 @@ def test_commands_answer_and_bad_ones_change_nothing(rig, clothing):
     rig.pin("GPIO17").drive_high()
 
 
+def exported_with(rig, replies, change) -> io.BytesIO:
+    """The box's export (its answer appended to `replies`) with `change(meta)` made to its meta.json."""
+    rig.box.submit(C.Request(C.Export(), "web", None, replies.append))
+    assert wait_for(lambda: replies)
+    with zipfile.ZipFile(io.BytesIO(replies[-1]["data"])) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    meta = json.loads(members["meta.json"])
+    change(meta)
+    members["meta.json"] = json.dumps(meta).encode()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return out
+
+
 def test_a_wrong_file_to_import_is_refused_without_a_fault_or_ending_a_recording(rig, clothing):
     """A wrong file chosen on the web page's "Load a file" put the box into a storage fault (the
     status LED's full-card pattern) and ended a recording; a class entry that was not an object
     stopped the command unanswered."""
     rig.teach("A", list_images(clothing / "train" / "shoes"), 4)
     replies = []
-    rig.box.submit(C.Request(C.Export(), "web", None, replies.append))
-    assert wait_for(lambda: replies)
-    with zipfile.ZipFile(io.BytesIO(replies[0]["data"])) as zf:
-        members = {n: zf.read(n) for n in zf.namelist()}
-    meta = json.loads(members["meta.json"])
-    meta["classes"][0] = "A"
-    members["meta.json"] = json.dumps(meta).encode()
-    hostile = io.BytesIO()
-    with zipfile.ZipFile(hostile, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
+    hostile = exported_with(rig, replies, lambda meta: meta["classes"].__setitem__(0, "A"))
     rig.show(list_images(clothing / "train" / "hat"))
     rig.pin(PINS["B"][0]).drive_low()               # a child records B meanwhile
     assert wait_for(lambda: rig.counts().get("B", 0) >= 1)
@@ -595,17 +601,7 @@ def test_an_error_ending_in_a_quoted_value_keeps_its_quote(rig):
     """Answers lost the closing quote of a value at the end of their message (the page showed
     `unknown setting 'evil`); a missing sample's KeyError still comes without its own quotes."""
     replies = []
-    rig.box.submit(C.Request(C.Export(), "web", None, replies.append))
-    assert wait_for(lambda: replies)
-    with zipfile.ZipFile(io.BytesIO(replies[0]["data"])) as zf:
-        members = {n: zf.read(n) for n in zf.namelist()}
-    meta = json.loads(members["meta.json"])
-    meta["settings"] = dict(meta.get("settings") or {}, evil=1)
-    members["meta.json"] = json.dumps(meta).encode()
-    bad = io.BytesIO()
-    with zipfile.ZipFile(bad, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
+    bad = exported_with(rig, replies, lambda meta: meta["settings"].update(evil=1))
     rig.box.submit(C.Request(C.Import(bad.getvalue()), "web", None, replies.append))
     rig.send("sample/delete", {"sample": 99999}, replies.append)
     assert wait_for(lambda: len(replies) == 3)
