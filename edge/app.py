@@ -92,12 +92,14 @@ class Box:
         self.view: Optional[np.ndarray] = None   # the model's input of the newest frame
         self._preview_at = 0.0
         self._period = 1.0 / cfg.capture.rate
+        self._built = False     # no state announced while being built (`run` announces the first)
         for message in store.faults:
             self._fault_on("storage", message)
         self._reconcile()
         self.head = Head(cfg.head.kind, k=cfg.head.k, mean=load_reference(engine.path, engine.dim),
                          threshold=self._threshold_setting(), spread=_spread_or_none(engine))
         self._refit()
+        self._built = True
 
     # --- public, thread-safe -----------------------------------------------------------------
 
@@ -363,10 +365,11 @@ class Box:
         new = rules.new_class_name(cmd.new, self.classes, replacing=old)
         if new == old:
             return None
+        if self.recording is not None and self.recording.name == old:
+            # ended, not carried on: the page or program that started it stops it by the old name
+            self._end_recording()
         with self.store.command():
             self.store.rename_class(old, new)
-        if self.recording is not None and self.recording.name == old:
-            self.recording.name = new      # it goes on, under the new name
         self._refit()
         self._emit({"event": "class_renamed", "from": old, "to": new})
         self._announce_state()
@@ -560,6 +563,11 @@ class Box:
             self._storage_fault(exc)
             self._end_recording()
             return
+        except ValueError as exc:   # a model of one's own whose output the store refuses (rules.vectors_problem)
+            log.error("a frame could not be learned: %s", exc)
+            self._emit({"event": "error", "source": "model", "message": f"a frame could not be learned: {exc}"})
+            self._end_recording()
+            return
         rec.burst = burst
         rec.added += 1
         rec.last = view
@@ -588,6 +596,8 @@ class Box:
         log.info("recorded %d samples of %s", rec.added, rec.name)
         self._emit({"event": "recording_stopped", "class": rec.name, "added": rec.added, "burst": rec.burst})
         self._announce_state()
+        self._show()            # the class LED stops blinking even when no frame comes (MQTT pictures)
+        self._answer_again()
 
     # --- changes to what the box knows -------------------------------------------------------
 
@@ -777,7 +787,8 @@ class Box:
         self._tell("event", dict(event, ts=time.time()))
 
     def _announce_state(self) -> None:
-        self._tell("state", self.state())
+        if self._built:
+            self._tell("state", self.state())
 
 
 def bind_to_config(store: Store, classes) -> List[str]:

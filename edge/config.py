@@ -915,8 +915,7 @@ def _classes(value: Any) -> Tuple[ClassConfig, ...]:
                 if not any(e.path == f"{path}.name" for e in _FOUND.get([])):
                     raise _Invalid(path, "missing key 'name'")
                 continue
-            name = checked["name"]
-            _class_name(f"{path}.name", name)
+            name = checked["name"] = _class_name(f"{path}.name", checked["name"])    # as the store keeps it (NFC)
             folded = name.casefold()
             if folded in seen:
                 raise _Invalid(f"{path}.name", f"class name {_show(name)} is already used by {seen[folded]}.name "
@@ -931,9 +930,9 @@ def _classes(value: Any) -> Tuple[ClassConfig, ...]:
     return tuple(classes)
 
 
-def _class_name(path: str, name: str) -> None:
+def _class_name(path: str, name: str) -> str:
     try:
-        rules.class_name(name)
+        return rules.class_name(name)
     except rules.RuleError as exc:
         raise _Invalid(path, str(exc)) from None
 

@@ -203,7 +203,8 @@ class Head:
     def set_nothing(self, names) -> None:
         """Mark "nothing" classes (the empty table, hands...): they take part in the choice, so
         frames like them stop going to other classes, but `predict` answers unknown for them and
-        they are left out of the spread and threshold estimates (they are taught as varied)."""
+        they are left out of the spread and the leave-one-out thresholds (they are taught as
+        varied); the one-view threshold counts them (`_fallback_threshold`)."""
         self._nothing = set(names)
         self._fit = None
 

@@ -26,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge import __version__, commands
+from edge import __version__, commands, rules
 from edge.commands import Decision, Outputs
 from edge.camera import Camera
 from edge.image import ImageError, load_image
@@ -440,7 +440,7 @@ class MqttLink(Outputs):
         self._submit(commands.Request(command, "mqtt", ident, self._reply))
 
     def _refuse(self, action: str, payload: bytes, error: str) -> None:
-        log.info("MQTT: refused command %s: %s", action[:64], error)
+        log.info("MQTT: refused command %s: %s", rules.show(action, 64), error)   # escaped: no RTL or newline in the log
         result = {"action": action[:64], "ok": False, "error": error}
         ident = commands.loose_id(payload)
         if ident is not None:

@@ -66,7 +66,7 @@ def class_name(value: Any) -> str:
     after_letter, marks = False, 0
     for char in value:
         kind = unicodedata.category(char)
-        if kind in ("Mn", "Mc") and after_letter and marks < MAX_MARKS:
+        if kind in ("Mn", "Mc") and after_letter and marks < MAX_MARKS and not _invisible(char):
             marks += 1      # a mark on the letter or digit before it
             continue
         after_letter, marks = char.isalnum() and kind[0] in "LN", 0
@@ -77,6 +77,15 @@ def class_name(value: Any) -> str:
     if value.casefold() in RESERVED:
         raise RuleError(f"{value.casefold()!r} is reserved for 'none of the classes'; pick another name")
     return value
+
+
+def _invisible(char: str) -> bool:
+    """Marks Unicode says to show as nothing (Default_Ignorable_Code_Point): variation selectors,
+    the combining grapheme joiner, Mongolian and Khmer ones. "cat" and "cat" + U+FE0F would be two
+    classes that look the same, and "unknown" + U+FE0F would pass for the reserved name."""
+    code = ord(char)
+    return code == 0x034F or 0x17B4 <= code <= 0x17B5 or 0x180B <= code <= 0x180F \
+        or 0xFE00 <= code <= 0xFE0F or 0xE0100 <= code <= 0xE01EF
 
 
 def new_class_name(value: Any, existing: Iterable[str], replacing: Optional[str] = None) -> str:

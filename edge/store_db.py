@@ -243,7 +243,8 @@ class Folder:
         bad = db.execute(
             "SELECT count(*) FROM samples WHERE typeof(embedding) != 'blob' OR length(embedding) != ? OR"
             f" source NOT IN ({','.join('?' * len(SOURCES))}) OR typeof(burst) != 'integer' OR typeof(ts) != 'real'"
-            " OR (thumbnail IS NOT NULL AND (typeof(thumbnail) != 'blob' OR length(thumbnail) > ?))"
+            " OR (thumbnail IS NOT NULL AND (typeof(thumbnail) != 'blob' OR length(thumbnail) > ?"
+            " OR substr(thumbnail, 1, 3) != X'FFD8FF'))"         # is_thumbnail, in SQL
             " OR burst > ?", (self.dim * 4, *SOURCES, MAX_THUMBNAIL_BYTES, int(meta["last_burst"]))).fetchone()[0]
         if bad:
             raise Bad(f"has {bad} samples that break the rules (size, source, burst or thumbnail)")
@@ -253,8 +254,9 @@ class Folder:
             except (KeyError, ValueError, RecursionError):
                 raise Bad(f"has a bad setting {rules.show(key)} = {rules.show(value)}") from None
         blobs = b"".join(r[0] for r in db.execute("SELECT embedding FROM samples"))
-        if not np.isfinite(np.frombuffer(blobs, dtype="<f4")).all():   # one check, not one per sample
-            raise Bad("has NaN or infinite embeddings")
+        problem = rules.vectors_problem(np.frombuffer(blobs, dtype="<f4"))   # one check, not one per sample
+        if problem is not None:
+            raise Bad(f"has embeddings with {problem}")
 
     # --- internals ---------------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ WS_PLACEHOLDER = "__EDGE_DEFAULT_WS__"
 MAX_WS_MESSAGE = 8192          # a command is a few dozen bytes
 MAX_CLIENTS = 32
 MAX_CLIENTS_PER_ADDRESS = 8    # one device cannot take every page's place
+BUSY = "another file is being loaded into or saved from the box; try again in a moment"
 MAX_BACKLOG = 256              # JSON messages waiting for one slow browser before it is dropped
 DECISION_INTERVAL = 0.1        # at most 10 decisions a second per browser (label changes always)
 ANSWER_TIMEOUT = 60.0          # export/import wait this long for the loop
@@ -85,7 +86,7 @@ class WebServer:
         self._stop: Optional[asyncio.Event] = None
         self._clients: Set["_Client"] = set()
         self._watching = 0                        # clients that want the live picture
-        self._importing = False                   # one upload at a time: each holds the whole file
+        self._moving = False                      # one file loaded or saved at a time: each is held whole
         self._state: Optional[dict] = None
         self._decision: Optional[dict] = None
         self._preview = None
@@ -319,13 +320,15 @@ class WebServer:
 
     async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
         address = request.remote or "?"
+        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=MAX_WS_MESSAGE)
+        await ws.prepare(request)
+        # counted after the handshake and the client added with no await between: connections
+        # made at once from one device all passed a count made before it
         full = None
         if len(self._clients) >= MAX_CLIENTS:
             full = f"the box has {MAX_CLIENTS} pages open, the most: close one"
         elif sum(1 for c in self._clients if c.address == address) >= MAX_CLIENTS_PER_ADDRESS:
             full = f"this device has {MAX_CLIENTS_PER_ADDRESS} pages of the box open, the most: close one"
-        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=MAX_WS_MESSAGE)
-        await ws.prepare(request)
         if full is not None:    # closed with the reason, which the page shows (an HTTP error it cannot read)
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=full.encode("utf-8"))
             return ws
@@ -424,7 +427,13 @@ class WebServer:
         error = self._pin_ok(request.remote or "?", request.headers.get("X-Edge-Pin"))
         if error is not None:
             return _refuse(403, error)
-        result = await self._ask(commands.Export(thumbnails=True))    # the gallery moves with the box
+        if self._moving:
+            return _refuse(503, BUSY)
+        self._moving = True
+        try:
+            result = await self._ask(commands.Export(thumbnails=True))    # the gallery moves with the box
+        finally:
+            self._moving = False
         data = result.get("data")
         if not result.get("ok") or not isinstance(data, (bytes, bytearray)):
             return _refuse(500, result.get("error") or "export failed")
@@ -440,9 +449,9 @@ class WebServer:
             return _refuse(403, error)
         if request.content_length is not None and request.content_length > self.max_upload:
             return _refuse(413, f"the file is larger than {self.max_upload >> 20} MB; is it an export file?")
-        if self._importing:     # 16 uploads at once took 36 MB each (a Pi Zero 2 has 512 MB in all)
-            return _refuse(503, "another file is being loaded into the box; try again in a moment")
-        self._importing = True
+        if self._moving:        # 16 uploads at once took 36 MB each (a Pi Zero 2 has 512 MB in all)
+            return _refuse(503, BUSY)
+        self._moving = True
         try:
             try:
                 data = await request.read()
@@ -453,7 +462,7 @@ class WebServer:
             log.info("web: import of %d bytes from %s", len(data), request.remote)
             result = await self._ask(commands.Import(bytes(data)))
         finally:
-            self._importing = False
+            self._moving = False
         result.pop("data", None)
         return web.json_response(result, status=200 if result.get("ok") else 400, dumps=_json_text)
 

@@ -607,3 +607,40 @@ def test_an_error_ending_in_a_quoted_value_keeps_its_quote(rig):
     assert wait_for(lambda: len(replies) == 3)
     assert replies[1]["error"].endswith("unknown setting 'evil'"), replies[1]
     assert replies[2]["error"] == "no sample with id 99999", replies[2]
+
+
+def test_a_box_starts_with_a_store_fault_and_survives_a_frame_it_cannot_learn(tmp_path, engine, mock_factory):
+    """A store that opened with a fault (here: a database that broke the rules, set aside) is in
+    the box's state, which is announced once the box is built (announcing it before the head
+    existed stopped the box from starting; `run` announces the first); a frame whose embedding the store refuses (a model of one's own with
+    huge outputs) ends the recording with one error event instead of an error on every frame."""
+    import sqlite3
+    from edge import store_db as sdb
+    folder = tmp_path / "store"
+    s = Store(folder, engine.model_id, engine.dim)
+    s.open()
+    with s.command():
+        s.add_class("A", button="A")
+    s.close()
+    db = sqlite3.connect(folder / sdb.DB)
+    db.executescript("CREATE TABLE evil(x)")
+    db.commit()
+    db.close()
+    s = Store(folder, engine.model_id, engine.dim)
+    s.open()
+    assert s.faults
+    cfg = parse_config({"classes": [{"name": "A"}], "function_button": None, "status_led": None,
+                        "camera": {"source": "folder", "folder": str(tmp_path)},
+                        "store": {"path": str(folder)}}, base=tmp_path)
+    seen = Rig.__new__(Rig)
+    seen.events, seen.decisions, seen.states = [], [], []
+    box = Box(cfg, engine, s, FolderCamera(tmp_path, fps=30), None, queue.Queue(), outputs=[seen])
+    try:
+        assert box.fault == "storage" and box.state()["fault"] == "storage" and not seen.states
+        assert box.execute(C.Record("A", count=3))["ok"]
+        box.process(np.full(engine.dim, 2e4, np.float32))
+        assert box.recording is None and s.classes()[0].count == 0
+        errors = [e for e in seen.events if e["event"] == "error"]
+        assert len(errors) == 1 and errors[0]["source"] == "model" and "values beyond" in errors[0]["message"]
+    finally:
+        s.close()

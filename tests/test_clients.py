@@ -338,6 +338,8 @@ def test_home_assistant_confidence_is_rounded_and_rate_limited(broker, ha_link, 
         wait_until(lambda: watcher.payloads("edge/edge-1/confidence")[-1:] == ["0"], what="the label change")
         elapsed = time.monotonic() - start
         values = watcher.payloads("edge/edge-1/confidence")
+        assert values[0] == "0"                         # retained from the start, beside "unknown"
+        values = values[1:]
         assert values[0] == "80"                        # 0.81 -> whole percent in steps of 5
         assert all(int(v) % 5 == 0 and 0 <= int(v) <= 100 for v in values)
         assert len(values) <= elapsed / 0.6 + 2, values  # one per period, plus the two changes

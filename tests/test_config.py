@@ -678,3 +678,12 @@ def test_web_pin_is_kept_and_never_shown(tmp_path):
     cfg = parse_config({"web": {"pin": "0123"}}, base=tmp_path)
     assert cfg.web.pin == "0123"
     assert "0123" not in repr(cfg) and "pin" not in cfg.public_dict()["web"]
+
+
+def test_class_names_are_kept_composed_as_the_store_keeps_them(tmp_path):
+    """An accent typed as its own character (macOS) names the same class: the config keeps the
+    composed form the store keeps, so the button finds its class; the two spellings clash."""
+    cfg = load(tmp_path, {"classes": [{"name": "cafe\u0301"}, {"name": "टोपी"}]})
+    assert [c.name for c in cfg.classes] == ["caf\u00e9", "टोपी"]
+    assert "is already used by classes[0].name" in error(tmp_path, {"classes": [{"name": "caf\u00e9"},
+                                                                                  {"name": "CAFE\u0301"}]})

@@ -532,6 +532,8 @@ def test_a_damaged_database_is_set_aside_and_the_last_good_copy_used(tmp_path):
     "UPDATE classes SET button = 'a/b' WHERE name = 'cup'",
     "INSERT INTO classes(position, name) SELECT 10 + id, 'x' || id FROM samples UNION ALL SELECT 99, 'y'",
     "UPDATE samples SET embedding = x'00' WHERE id = 1",
+    "UPDATE samples SET embedding = x'" + np.full(D, 3e38, "<f4").tobytes().hex() + "' WHERE id = 1",   # overflows the head
+    "UPDATE samples SET thumbnail = x'00112233' WHERE thumbnail IS NOT NULL",   # not a JPEG: a broken picture
     "UPDATE samples SET source = 'camera' WHERE id = 1",
     "UPDATE settings SET value = '\"banana\"'",
     "INSERT INTO settings VALUES ('renames', '[\"x\"]')",

@@ -46,6 +46,7 @@ function connect() {
     letGo();
     decision = null;                  // a box that is gone shows no answer, not its last one
     showDecision();
+    if (ev.code === 1013) retry = 8000;   // no room: no use knocking twice a second
     setTimeout(connect, retry);
     retry = Math.min(retry * 2, 8000);
   };
