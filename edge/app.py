@@ -58,6 +58,8 @@ class Recording:
     added: int = 0
     next_at: float = 0.0
     last: Optional[np.ndarray] = None
+    last_at: Optional[float] = None  # when the last sample was learned
+    gap: float = 0.0                 # the longest time between two samples so far
 
 
 class CommandError(ValueError):
@@ -572,8 +574,11 @@ class Box:
         rec.added += 1
         rec.last = view
         rec.next_at = now + self._period
+        if rec.last_at is not None:
+            rec.gap = max(rec.gap, now - rec.last_at)
+        rec.last_at = now
         if rec.count is not None:
-            rec.until = now + rules.RECORD_IDLE_SECONDS
+            rec.until = now + max(rules.RECORD_IDLE_SECONDS, rules.RECORD_IDLE_GAPS * rec.gap)
         self._class_changed(rec.name)
         self._emit({"event": "sample_added", "class": rec.name, "samples": self._count(rec.name)})
         if rec.count is not None:

@@ -27,8 +27,12 @@ MAX_RECORD_SECONDS = 60.0
 """Longest timed recording a command may ask for."""
 MAX_RECORD_COUNT = 500
 """Most samples one counted recording may ask for."""
-RECORD_IDLE_SECONDS = 10.0
-"""A counted recording that learned nothing for this long ends (a still scene, no pictures)."""
+RECORD_IDLE_SECONDS = 20.0
+RECORD_IDLE_GAPS = 4.0
+"""A counted recording ends when it learned nothing for RECORD_IDLE_SECONDS or RECORD_IDLE_GAPS
+times the longest gap between its samples so far, whichever is longer (a still scene, no
+pictures coming). Longer than the Scratch teach block's own wait (15 s or 3 gaps,
+edge/static/scratch/edge-box.js), so the block lets go first and says why."""
 THRESHOLD_AUTO = "auto"
 MAX_FEATURE = 1e4
 """Largest size of one number of a stored embedding. A model's features are activations

@@ -48,6 +48,16 @@ DB = "knowledge.db"
 GOOD = "knowledge.good.db"
 LOCK = "lock"
 ASIDE = "aside"
+
+
+def is_store_file(folder: Path, path: Path) -> bool:
+    """A path the store in `folder` owns (its database, copies, lock, journal, set-aside files,
+    the old store's files): an export written there would replace or hide what the box knows."""
+    folder, path = Path(folder).resolve(), Path(path).resolve()
+    if path.parent != folder:
+        return folder / ASIDE in path.parents
+    own = {DB, GOOD, LOCK, ASIDE, *legacy_store.FILES}
+    return path.name in own or any(path.name == f"{name}{end}" for name in (DB, GOOD) for end in ("-wal", "-shm", "-journal"))
 _TMP_PREFIX = ".tmp-"
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);

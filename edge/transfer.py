@@ -24,8 +24,8 @@ import numpy as np
 
 from edge import __version__, legacy_store, rules
 from edge.store import ClassInfo, Store
-from edge.store_db import (MAX_THUMBNAIL_BYTES, SETTINGS, SOURCES, StoreError, is_thumbnail, replace_durably,
-                           short_model, why)
+from edge.store_db import (MAX_THUMBNAIL_BYTES, SETTINGS, SOURCES, StoreError, is_store_file, is_thumbnail,
+                           replace_durably, short_model, why)
 
 FORMAT = legacy_store.FORMAT
 VERSION = 2
@@ -69,12 +69,11 @@ def import_limit(store: Store) -> int:
 
 def export(store: Store, path: Path, thumbnails: bool = False) -> None:
     """Write everything the store holds to one file, atomically (StoreError when it cannot).
-    Never into the store's own folder: `edge export store/knowledge.db` replaced the database."""
+    Never over one of the store's own files: `edge export store/knowledge.db` replaced the database."""
     path = Path(path)
-    folder = store.folder.resolve()
-    if folder == path.resolve().parent or folder in path.resolve().parents:
-        raise StoreError(f"will not write an export into the box's store folder {store.folder}; "
-                         f"choose a file elsewhere")
+    if is_store_file(store.folder, path):
+        raise StoreError(f"will not write an export over {path}, one of the box's store files; "
+                         f"choose another file")
     with store.reading():
         meta_classes, blobs, thumbs = [], [], []
         for info in store.classes():

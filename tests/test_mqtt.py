@@ -796,10 +796,11 @@ def test_train_two_classes_over_mqtt_end_to_end(broker, watchers, boxes, clothin
 
 
 @needs_broker
-def test_a_counted_recording_that_learns_nothing_ends(broker, watchers, boxes, monkeypatch):
+def test_a_counted_recording_that_learns_nothing_ends(broker, watchers, boxes, monkeypatch, clothing):
     """`record` with a count and no picture coming (or a still scene) ends once nothing was
-    learned for RECORD_IDLE_SECONDS: it used to stay recording, and so not answering, for ever.
-    `record` for the class already recording gives it the new limits."""
+    learned for RECORD_IDLE_SECONDS (or RECORD_IDLE_GAPS times the longest gap between its
+    samples): it used to stay recording, and so not answering, for ever. `record` for the class
+    already recording gives it the new limits."""
     from edge import rules
     monkeypatch.setattr(rules, "RECORD_IDLE_SECONDS", 1.0)
     boxes(broker.port)
@@ -814,6 +815,18 @@ def test_a_counted_recording_that_learns_nothing_ends(broker, watchers, boxes, m
     assert send(w, "record", b'{"class": "hat", "seconds": 60}')["ok"]
     assert send(w, "record", b'{"class": "hat", "seconds": 0.5}')["ok"]     # the new limit applies
     w.wait(f"{PREFIX}/event", lambda m: json.loads(m.payload)["event"] == "recording_stopped", after=mark, timeout=5)
+    # pictures coming slowly: the wait grows to 4 times the longest gap between them (here 2.4 s)
+    mark = w.mark()
+    assert send(w, "record", b'{"class": "shoes", "count": 5}')["ok"]
+    for i in range(2):
+        step = w.mark()
+        w.publish(f"{PREFIX}/camera/frame", jpeg_bytes(list_images(clothing / "train" / "shoes")[i]))
+        w.wait(f"{PREFIX}/event", lambda m: json.loads(m.payload)["event"] == "sample_added", after=step)
+        time.sleep(0.6 * (1 - i))
+    last = time.monotonic()
+    stopped = w.wait(f"{PREFIX}/event", lambda m: json.loads(m.payload)["event"] == "recording_stopped",
+                     after=mark, timeout=10)
+    assert json.loads(stopped.payload)["added"] == 2 and time.monotonic() - last > 1.8
 
 
 @needs_broker

@@ -718,10 +718,12 @@ def test_export_is_atomic_and_leaves_no_scratch(tmp_path):
     with pytest.raises(StoreError, match="could not export"):
         transfer.export(s, tmp_path / "missing" / "k.edge")
     before = files(tmp_path / "a")
-    for inside in (tmp_path / "a" / sdb.DB, tmp_path / "a" / "sub" / "k.edge"):    # the live database, once
-        with pytest.raises(StoreError, match="store folder"):
-            transfer.export(s, inside)
+    for own in (sdb.DB, sdb.GOOD, sdb.DB + "-wal", sdb.LOCK, "aside/x.edge"):    # the live database, once
+        with pytest.raises(StoreError, match="one of the box's store files"):
+            transfer.export(s, tmp_path / "a" / own)
     assert files(tmp_path / "a") == before and state(s)["classes"]
+    transfer.export(s, tmp_path / "a" / "backup.edge")        # beside them is fine
+    assert zipfile.is_zipfile(tmp_path / "a" / "backup.edge")
 
 
 def test_an_import_is_trimmed_to_this_boxs_cap(tmp_path):

@@ -8,7 +8,9 @@
   const TIMEOUT = 8000;           // ms to find the box
   const ANSWER_TIMEOUT = 70000;   // ms for the box to answer a command
   const NO_PICTURE = 15000;       // ms without a new picture before a teach block lets go (at least
-                                  // 3 times the longest gap between its pictures so far)
+                                  // 3 times the longest gap between its pictures so far); less than
+                                  // the box's own end of such a recording (rules.RECORD_IDLE_SECONDS,
+                                  // 4 gaps), so the block lets go first and says why
   const STOP_WAIT = 5000;         // ms for the recording to end once a teach block let go
 
   // Class names compare the way the box compares them (edge/rules.py: Python's str.casefold(),
