@@ -382,6 +382,7 @@ class Box:
             self.store.set_setting("threshold_config", self.cfg.head.threshold)
         self.head.set_threshold(cmd.value)
         self._announce_state()
+        self._answer_again()
 
     def _do_add(self, cmd: C.AddClass, source):
         name = rules.new_class_name(cmd.name, self.classes)

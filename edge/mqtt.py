@@ -481,11 +481,12 @@ class MqttLink(Outputs):
     def _confidence_for_ha(self, d: Decision, now: float) -> None:
         """`<prefix>/confidence` for Home Assistant, which stores every state it is sent: whole
         percent in steps of HA_CONFIDENCE_STEP, only when that changes, and at most once per
-        HA_CONFIDENCE_PERIOD seconds unless the label changed (retained, so HA has it at once)."""
+        HA_CONFIDENCE_PERIOD seconds unless the label changed or the frame was answered again after a
+        change of classes (retained, so HA has it at once)."""
         value = int(round(max(0.0, min(1.0, d.confidence)) * 100 / HA_CONFIDENCE_STEP)) * HA_CONFIDENCE_STEP
         if value == self._ha_confidence:
             return
-        if not d.changed and now - self._ha_confidence_at < HA_CONFIDENCE_PERIOD:
+        if not (d.changed or d.again) and now - self._ha_confidence_at < HA_CONFIDENCE_PERIOD:
             return
         self._ha_confidence, self._ha_confidence_at = value, now
         self._publish(self.topic("confidence"), str(value), qos=0, retain=True)

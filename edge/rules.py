@@ -70,7 +70,9 @@ def class_name(value: Any) -> str:
     after_letter, marks = False, 0
     for char in value:
         kind = unicodedata.category(char)
-        if kind in ("Mn", "Mc") and after_letter and marks < MAX_MARKS and not _invisible(char):
+        if _invisible(char):
+            raise RuleError(f"class names may use letters, digits, space, _ and -, got {show(value)}")
+        if kind in ("Mn", "Mc") and after_letter and marks < MAX_MARKS:
             marks += 1      # a mark on the letter or digit before it
             continue
         after_letter, marks = char.isalnum() and kind[0] in "LN", 0
@@ -84,12 +86,13 @@ def class_name(value: Any) -> str:
 
 
 def _invisible(char: str) -> bool:
-    """Marks Unicode says to show as nothing (Default_Ignorable_Code_Point): variation selectors,
-    the combining grapheme joiner, Mongolian and Khmer ones. "cat" and "cat" + U+FE0F would be two
-    classes that look the same, and "unknown" + U+FE0F would pass for the reserved name."""
+    """Marks and letters Unicode says to show as nothing (Default_Ignorable_Code_Point):
+    variation selectors, the combining grapheme joiner, Mongolian and Khmer ones, the Hangul
+    fillers. "cat" and "cat" + U+FE0F (or U+3164) would be two classes that look the same, and
+    "unknown" + U+FE0F would pass for the reserved name."""
     code = ord(char)
-    return code == 0x034F or 0x17B4 <= code <= 0x17B5 or 0x180B <= code <= 0x180F \
-        or 0xFE00 <= code <= 0xFE0F or 0xE0100 <= code <= 0xE01EF
+    return code in (0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0) or 0x17B4 <= code <= 0x17B5 \
+        or 0x180B <= code <= 0x180F or 0xFE00 <= code <= 0xFE0F or 0xE0100 <= code <= 0xE01EF
 
 
 def new_class_name(value: Any, existing: Iterable[str], replacing: Optional[str] = None) -> str:

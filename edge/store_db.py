@@ -253,8 +253,7 @@ class Folder:
         bad = db.execute(
             "SELECT count(*) FROM samples WHERE typeof(embedding) != 'blob' OR length(embedding) != ? OR"
             f" source NOT IN ({','.join('?' * len(SOURCES))}) OR typeof(burst) != 'integer' OR typeof(ts) != 'real'"
-            " OR (thumbnail IS NOT NULL AND (typeof(thumbnail) != 'blob' OR length(thumbnail) > ?"
-            " OR substr(thumbnail, 1, 3) != X'FFD8FF'))"         # is_thumbnail, in SQL
+            " OR (thumbnail IS NOT NULL AND (typeof(thumbnail) != 'blob' OR length(thumbnail) > ?))"
             " OR burst > ?", (self.dim * 4, *SOURCES, MAX_THUMBNAIL_BYTES, int(meta["last_burst"]))).fetchone()[0]
         if bad:
             raise Bad(f"has {bad} samples that break the rules (size, source, burst or thumbnail)")
@@ -264,9 +263,10 @@ class Folder:
             except (KeyError, ValueError, RecursionError):
                 raise Bad(f"has a bad setting {rules.show(key)} = {rules.show(value)}") from None
         blobs = b"".join(r[0] for r in db.execute("SELECT embedding FROM samples"))
-        problem = rules.vectors_problem(np.frombuffer(blobs, dtype="<f4"))   # one check, not one per sample
-        if problem is not None:
-            raise Bad(f"has embeddings with {problem}")
+        # NaN or infinity only: a store that took values beyond rules.MAX_FEATURE before that rule
+        # (an import) would be set aside whole, and its good copy with it: the box would look empty
+        if not np.isfinite(np.frombuffer(blobs, dtype="<f4")).all():   # one check, not one per sample
+            raise Bad("has NaN or infinite embeddings")
 
     # --- internals ---------------------------------------------------------------------------------
 
@@ -392,7 +392,8 @@ class Folder:
         return mem
 
     def _tidy(self, db: sqlite3.Connection) -> None:
-        """What changed in the config since the last start: a smaller cap, thumbnails turned off."""
+        """What changed in the config since the last start (a smaller cap, thumbnails turned off),
+        and thumbnails an older import let in that are not pictures."""
         db.execute("BEGIN IMMEDIATE")
         over = db.execute("SELECT c.id, c.name FROM classes c WHERE (SELECT count(*) FROM samples s"
                           " WHERE s.class = c.id) > ?", (self.max_per_class,)).fetchall()
@@ -403,6 +404,13 @@ class Folder:
         removed = 0
         if not self.thumbnails:
             removed = db.execute("UPDATE samples SET thumbnail = NULL WHERE thumbnail IS NOT NULL").rowcount
+        # thumbnails that are not JPEG pictures (imported before store_db.is_thumbnail checked
+        # them) are dropped, their samples kept: the gallery showed them as broken pictures
+        broken = db.execute("UPDATE samples SET thumbnail = NULL WHERE thumbnail IS NOT NULL"
+                            " AND substr(thumbnail, 1, 3) != X'FFD8FF'").rowcount
+        if broken:
+            log.warning("%s: dropped %d thumbnails that were not JPEG pictures (their samples stay)",
+                        self.folder, broken)
         db.execute("COMMIT")
         if removed:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")   # out of the WAL too (secure_delete zeroed them)

@@ -841,7 +841,7 @@ def test_the_label_follows_class_changes_without_a_new_picture(broker, watchers,
         [engine.embed(Image.open(p)) for p in list_images(clothing / "train" / "hat")[:6]])}, homeassistant=True)
     w = watchers(broker)
     w.wait(f"{PREFIX}/status", lambda m: m.payload == b"online")
-    assert w.on(f"{PREFIX}/confidence")[-1].payload == b"0"       # retained from the start, with the label
+    w.wait(f"{PREFIX}/confidence", lambda m: m.payload == b"0")    # retained from the start, with the label
     mark = w.mark()
     w.publish(f"{PREFIX}/camera/frame", jpeg_bytes(list_images(clothing / "test" / "shoes")[0]))
     assert json.loads(w.wait(f"{PREFIX}/prediction", after=mark).payload)["label"] == "shoes"

@@ -532,8 +532,6 @@ def test_a_damaged_database_is_set_aside_and_the_last_good_copy_used(tmp_path):
     "UPDATE classes SET button = 'a/b' WHERE name = 'cup'",
     "INSERT INTO classes(position, name) SELECT 10 + id, 'x' || id FROM samples UNION ALL SELECT 99, 'y'",
     "UPDATE samples SET embedding = x'00' WHERE id = 1",
-    "UPDATE samples SET embedding = x'" + np.full(D, 3e38, "<f4").tobytes().hex() + "' WHERE id = 1",   # overflows the head
-    "UPDATE samples SET thumbnail = x'00112233' WHERE thumbnail IS NOT NULL",   # not a JPEG: a broken picture
     "UPDATE samples SET source = 'camera' WHERE id = 1",
     "UPDATE settings SET value = '\"banana\"'",
     "INSERT INTO settings VALUES ('renames', '[\"x\"]')",
@@ -1113,3 +1111,24 @@ def test_an_export_with_unusable_contents_is_refused(tmp_path, member):
         with s.command():
             s.add_samples("cup", np.full((1, D), -2e4, np.float32), "button", s.new_burst())
     assert state(s) == before
+
+
+def test_thumbnails_an_older_import_let_in_are_dropped_at_open_and_the_samples_stay(tmp_path):
+    """Before imports checked that thumbnails are JPEG pictures, one could store any bytes. Such a
+    store is repaired at open (the thumbnails dropped), not set aside whole with its good copy
+    (the box would have started empty)."""
+    folder = tmp_path / "s"
+    s = filled(folder)
+    counts = [(c.name, c.count) for c in s.classes()]
+    s.close()
+    db = sqlite3.connect(folder / sdb.DB)
+    db.execute("UPDATE samples SET thumbnail = x'00112233' WHERE thumbnail IS NOT NULL")
+    db.commit()
+    db.close()
+    s = opened(folder)
+    assert [(c.name, c.count) for c in s.classes()] == counts and s.faults == []
+    assert not (folder / sdb.ASIDE).exists()
+    s.close()
+    db = sqlite3.connect(folder / sdb.DB)
+    assert db.execute("SELECT count(*) FROM samples WHERE thumbnail IS NOT NULL").fetchone()[0] == 0
+    db.close()

@@ -15,11 +15,11 @@
 
   // Class names compare the way the box compares them (edge/rules.py: Python's str.casefold(),
   // after trimming what the user typed). Lower, upper, then lower case again folds every letter a
-  // class name may hold as casefold does (ß and ẞ to ss, ﬁ to fi, Cherokee, İ), once the final
+  // class name may hold, in Unicode's composed form (NFC, as the box keeps names), as casefold does (ß and ẞ to ss, ﬁ to fi, Cherokee, İ), once the final
   // sigma is made σ and the dotless ı is kept out of it (casefold keeps ı apart from I and i).
   // Checked against Python's casefold for every Unicode letter and digit (Node 20, Python 3.11);
   // a browser or Python of another Unicode version may differ on letters new in that version.
-  const fold = (name) => String(name).trim().split("\u0131")
+  const fold = (name) => String(name).normalize("NFC").trim().split("\u0131")
     .map((part) => part.toLowerCase().toUpperCase().toLowerCase()).join("\u0131").replace(/\u03c2/g, "\u03c3");
 
   // A count as the user gave it: a number when it reads as one, else the text itself, so that the
