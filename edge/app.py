@@ -91,6 +91,7 @@ class Box:
         self.frames = 0
         self.label = UNKNOWN_LABEL
         self._last_vec: Optional[np.ndarray] = None    # the last frame's embedding (`_answer_again`)
+        self._stale = False     # what the box knows changed since the last answer
         self.view: Optional[np.ndarray] = None   # the model's input of the newest frame
         self._preview_at = 0.0
         self._period = 1.0 / cfg.capture.rate
@@ -215,6 +216,8 @@ class Box:
         outputs' threads are woken (`flush`), after the frame, not in the middle of it."""
         try:
             self._turn()
+            if self._stale:     # once a turn, however many changes its commands made
+                self._answer_again()
         finally:
             self._tell("flush")
 
@@ -382,7 +385,7 @@ class Box:
             self.store.set_setting("threshold_config", self.cfg.head.threshold)
         self.head.set_threshold(cmd.value)
         self._announce_state()
-        self._answer_again()
+        self._stale = True
 
     def _do_add(self, cmd: C.AddClass, source):
         name = rules.new_class_name(cmd.name, self.classes)
@@ -603,7 +606,7 @@ class Box:
         self._emit({"event": "recording_stopped", "class": rec.name, "added": rec.added, "burst": rec.burst})
         self._announce_state()
         self._show()            # the class LED stops blinking even when no frame comes (MQTT pictures)
-        self._answer_again()
+        self._stale = True
 
     # --- changes to what the box knows -------------------------------------------------------
 
@@ -618,18 +621,20 @@ class Box:
         self.head.set_samples({c.name: vectors[c.name] for c in infos})
         self.head.set_nothing([c.name for c in infos if c.nothing])
         self.smoother.reset()
-        self._answer_again()
+        self._stale = True
 
     def _class_changed(self, name: str) -> None:
         self.head.set_class(name, self.store.vectors(name))
         self.smoother.reset()
         self._fault_off("storage")
-        self._answer_again()
+        self._stale = True
 
     def _answer_again(self) -> None:
-        """After a change of what the box knows, answer the last frame anew: with pictures sent
-        over MQTT the next one may never come, and the label, LED and Home Assistant would go on
-        showing a class that was cleared, renamed, removed or made "nothing"."""
+        """After a change of what the box knows (`_stale`), answer the last frame anew: with
+        pictures sent over MQTT the next one may never come, and the label, LED and Home
+        Assistant would go on showing a class that was cleared, renamed, removed or made
+        "nothing". A frame answered meanwhile is answered with what the box knows now."""
+        self._stale = False
         if self.recording is None and self._last_vec is not None:
             self._classify(self._last_vec, again=True)
 
@@ -702,6 +707,7 @@ class Box:
     # --- recognising -------------------------------------------------------------------------
 
     def _classify(self, vec: np.ndarray, again: bool = False) -> Decision:
+        self._stale = False
         choice, gate = self.head.evaluate(vec)
         labels = self.head.labels
         if self.camera is not None and self.camera.name == "mqtt":

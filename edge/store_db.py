@@ -31,11 +31,15 @@ MAX_THUMBNAIL_BYTES = 16 << 10
 """A thumbnail is a small JPEG (the gallery shows ~100 px); larger ones are refused."""
 
 
+JPEG_START = b"\xff\xd8\xff"
+"""A JPEG's start-of-image marker, the first bytes of every thumbnail."""
+
+
 def is_thumbnail(data) -> bool:
-    """Bytes that can be a thumbnail: a JPEG (its start-of-image marker) of at most
-    MAX_THUMBNAIL_BYTES. An imported file's other bytes showed as broken pictures in the gallery."""
+    """Bytes that can be a thumbnail: a JPEG (JPEG_START) of at most MAX_THUMBNAIL_BYTES. An
+    imported file's other bytes showed as broken pictures in the gallery."""
     return isinstance(data, (bytes, bytearray)) and len(data) <= MAX_THUMBNAIL_BYTES \
-        and bytes(data[:3]) == b"\xff\xd8\xff"
+        and bytes(data[:len(JPEG_START)]) == JPEG_START
 SETTINGS: Dict[str, Callable[[Any], Any]] = {
     "threshold": rules.threshold,          # set at run time (MQTT, web); beats the config's
     "threshold_config": rules.threshold,   # the config's threshold when it was set (see docs/store.md)
@@ -407,7 +411,7 @@ class Folder:
         # thumbnails that are not JPEG pictures (imported before store_db.is_thumbnail checked
         # them) are dropped, their samples kept: the gallery showed them as broken pictures
         broken = db.execute("UPDATE samples SET thumbnail = NULL WHERE thumbnail IS NOT NULL"
-                            " AND substr(thumbnail, 1, 3) != X'FFD8FF'").rowcount
+                            " AND substr(thumbnail, 1, ?) != ?", (len(JPEG_START), JPEG_START)).rowcount
         if broken:
             log.warning("%s: dropped %d thumbnails that were not JPEG pictures (their samples stay)",
                         self.folder, broken)

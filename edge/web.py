@@ -17,6 +17,7 @@ request ever names a file: the static files are a fixed table read at start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import io
 import ipaddress
@@ -423,17 +424,23 @@ class WebServer:
         except asyncio.TimeoutError:
             return {"ok": False, "error": "the box did not answer in time"}
 
+    @contextlib.contextmanager
+    def _moving_one(self):
+        """The one file being loaded or saved (`_moving`), for the request's while."""
+        self._moving = True
+        try:
+            yield
+        finally:
+            self._moving = False
+
     async def _export(self, request: web.Request) -> web.Response:
         error = self._pin_ok(request.remote or "?", request.headers.get("X-Edge-Pin"))
         if error is not None:
             return _refuse(403, error)
         if self._moving:
             return _refuse(503, BUSY)
-        self._moving = True
-        try:
+        with self._moving_one():
             result = await self._ask(commands.Export(thumbnails=True))    # the gallery moves with the box
-        finally:
-            self._moving = False
         data = result.get("data")
         if not result.get("ok") or not isinstance(data, (bytes, bytearray)):
             return _refuse(500, result.get("error") or "export failed")
@@ -451,8 +458,7 @@ class WebServer:
             return _refuse(413, f"the file is larger than {self.max_upload >> 20} MB; is it an export file?")
         if self._moving:        # 16 uploads at once took 36 MB each (a Pi Zero 2 has 512 MB in all)
             return _refuse(503, BUSY)
-        self._moving = True
-        try:
+        with self._moving_one():
             try:
                 data = await request.read()
             except web.HTTPRequestEntityTooLarge:
@@ -461,8 +467,6 @@ class WebServer:
                 return _refuse(400, "no file was sent")
             log.info("web: import of %d bytes from %s", len(data), request.remote)
             result = await self._ask(commands.Import(bytes(data)))
-        finally:
-            self._moving = False
         result.pop("data", None)
         return web.json_response(result, status=200 if result.get("ok") else 400, dumps=_json_text)
 
